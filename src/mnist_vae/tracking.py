@@ -40,18 +40,23 @@ def project_root() -> Path:
     return here
 
 
+def default_tracking_uri() -> str:
+    return f"sqlite:///{project_root() / 'mlruns' / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlruns' / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
 def experiment_id(name: str = EXPERIMENT) -> str:
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    # A server chooses its own artifact root; our default SQLite store keeps them beside the db.
-    location = None if "MLFLOW_TRACKING_URI" in os.environ else \
-        (project_root() / "mlruns" / "artifacts").as_uri()
+    # A server chooses its own artifact root; our default store keeps them beside the db,
+    # not under the current directory (a DVC temp copy, for queued experiments).
+    location = (project_root() / "mlruns" / "artifacts").as_uri() if uri == default_tracking_uri() else None
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:  # another process created it first

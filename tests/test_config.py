@@ -1,0 +1,58 @@
+"""Config validation: one line naming the key, the value and what is expected."""
+
+import dataclasses
+
+import pytest
+import yaml
+
+from mnist_vae.config import Config, ConfigError, from_dict, load_config
+
+from .conftest import ROOT
+
+
+def test_params_yaml_is_the_documented_defaults():
+    cfg = load_config(ROOT / "params.yaml")
+    assert cfg == Config()
+    assert cfg.model.hidden_dims == (256, 128) and cfg.train.t_max == 100
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"model": {"latnt_dim": 4}}, "unknown key model.latnt_dim; did you mean model.latent_dim?"),
+    ({"modle": {}}, "unknown key modle; did you mean model?"),
+    ({"model": {"latent_dim": -1}}, "model.latent_dim = -1; expected an integer >= 1"),
+    ({"model": {"latent_dim": 2.5}}, "model.latent_dim = 2.5; expected an integer"),
+    ({"model": {"latent_dim": True}}, "model.latent_dim = True; expected an integer"),
+    ({"model": {"kl_weight": -0.1}}, "model.kl_weight = -0.1; expected a number >= 0"),
+    ({"model": {"hidden_dims": []}}, "model.hidden_dims = []; expected a non-empty list"),
+    ({"model": {"hidden_dims": 256}}, "model.hidden_dims = 256; expected a list"),
+    ({"data": {"dataset": "cifar"}}, "data.dataset = 'cifar'; expected one of mnist, fashion-mnist"),
+    ({"train": {"lr": "fast"}}, "train.lr = 'fast'; expected a number"),
+    ({"train": 3}, "train is 3; expected a mapping"),
+])
+def test_bad_values_name_key_value_and_expectation(raw, message):
+    with pytest.raises(ConfigError) as err:
+        from_dict(raw)
+    text = str(err.value)
+    assert message in text
+    assert text.startswith("params.yaml: ") and "\n" not in text
+
+
+def test_ints_are_accepted_for_floats_and_lists_become_tuples():
+    cfg = from_dict({"model": {"kl_weight": 1, "hidden_dims": [64]}})
+    assert cfg.model.kl_weight == 1.0 and isinstance(cfg.model.kl_weight, float)
+    assert cfg.model.hidden_dims == (64,)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.latent_dim = 3
+
+
+def test_flat_names_match_dvc_set_syntax():
+    flat = Config().flat()
+    assert flat["model.latent_dim"] == 2 and flat["model.hidden_dims"] == [256, 128]
+    assert set(yaml.safe_load((ROOT / "params.yaml").read_text())) == {k.split(".")[0] for k in flat}
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)

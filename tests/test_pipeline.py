@@ -1,0 +1,78 @@
+"""End to end, in a temp git repo: the real `dvc repro`, `dvc exp run` and CLI, with tiny params."""
+
+import json
+import sys
+
+import mlflow
+import yaml
+
+from .conftest import run
+
+METRIC_KEYS = {"test_neg_elbo", "test_recon", "test_kl", "test_iwae_nll", "n_test"}
+FIGURES = {"latent_space.png", "reconstructions.png", "prior_samples.png", "interpolation.png",
+           "latent_grid.png", "training_curves.png"}
+
+
+def runs_of(project):
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["mnist-vae"], output_format="list")
+
+
+def test_repro_then_noop_then_experiment(project):
+    run(["dvc", "repro"], project)
+
+    metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert METRIC_KEYS <= set(metrics) and metrics["n_test"] == 500
+    assert metrics["test_iwae_nll"] < metrics["test_neg_elbo"]
+    assert {p.name for p in (project / "figures").iterdir()} == FIGURES
+    shown = run(["dvc", "metrics", "show", "--json"], project).stdout
+    assert "test_iwae_nll" in shown
+
+    (first,) = runs_of(project)
+    assert first.info.status == "FINISHED"
+    assert first.data.params["model.latent_dim"] == "2"
+    assert {"test_iwae_nll", "val_neg_elbo", "train_loss"} <= set(first.data.metrics)
+    history = mlflow.MlflowClient().get_metric_history(first.info.run_id, "val_neg_elbo")
+    assert sorted(m.step for m in history) == [0, 1]  # one value per epoch, step = epoch
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(first.info.run_id, "figures")}
+    assert artifacts == {f"figures/{name}" for name in FIGURES}
+    assert (project / "mlruns" / "artifacts").is_dir()
+
+    # Importing the package writes __pycache__ into src/; .dvcignore keeps it out of the hashes.
+    run([sys.executable, "-c", "import compileall; compileall.compile_dir('src', quiet=1)"], project)
+    again = run(["dvc", "repro"], project)
+    assert "Running stage" not in again.stdout, again.stdout
+    assert len(runs_of(project)) == 1
+
+    run(["dvc", "exp", "run", "-S", "model.latent_dim=3"], project)
+    runs = runs_of(project)
+    assert len(runs) == 2
+    variant = next(r for r in runs if r.info.run_id != first.info.run_id)
+    assert variant.data.params["model.latent_dim"] == "3" and variant.info.status == "FINISHED"
+    assert variant.data.tags.get("dvc.exp_name")
+    assert "test_iwae_nll" in run(["dvc", "exp", "show", "--json"], project).stdout
+
+    # The evaluate CLI scores any checkpoint on any IDX image file; JSON on the last line.
+    out = run([sys.executable, "-m", "mnist_vae", "evaluate", "--checkpoint", "models/best.ckpt",
+               "--images", "data/t10k-images-idx3-ubyte.gz", "--iwae-samples", "3"], project)
+    scored = json.loads(out.stdout.strip().splitlines()[-1])
+    assert METRIC_KEYS <= set(scored) and scored["n_test"] == 500
+
+
+def test_queued_experiment_lands_in_the_projects_store(project):
+    """`--temp` runs in a copy under .dvc/tmp/exps, as queued experiments do."""
+    run(["dvc", "exp", "run", "--temp", "-S", "train.max_epochs=1"], project)
+    (only,) = runs_of(project)
+    assert only.info.status == "FINISHED" and only.data.params["train.max_epochs"] == "1"
+    assert not list((project / ".dvc" / "tmp").glob("exps/*/mlruns"))
+
+
+def test_bad_param_fails_fast_with_one_line_and_no_run(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["model"]["latnt_dim"] = 4
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run([sys.executable, "pipeline/train.py"], project, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: params.yaml: unknown key model.latnt_dim; did you mean "
+                                     "model.latent_dim? (fix it in params.yaml or with dvc exp run -S)")
+    assert not (project / "mlruns").exists()
