@@ -131,21 +131,76 @@ class FiguresConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    n_trials: int = 20
+    """Trials this invocation adds; rerunning the command continues the study with as many more."""
+    timeout_s: float | None = None
+    """Stop starting trials after this many seconds (null: no limit)."""
+    max_epochs: int = 20
+    """Epochs per trial (replaces train.max_epochs in each trial's config)."""
+    study_name: str = "mnist-vae"
+    storage: str = "sqlite:///sweeps/optuna.db"
+    """An Optuna storage URL; a relative SQLite path is resolved from the project root. Point many
+    machines at one PostgreSQL or MySQL URL to share a study."""
+    workers: int = 1
+    """Processes on this machine, each with cores / workers torch threads."""
+    pruner: Literal["median", "none"] = "median"
+    """Stops trials whose val_neg_elbo is worse than the median of earlier trials at that epoch."""
+    pruner_startup_trials: int = 5
+    """Trials that run to the end before the pruner starts judging."""
+    heartbeat_s: int = 10
+    """A running trial's heartbeat; one silent for 3 beats (its process died) is marked FAIL."""
+    seed: int | None = None
+    """Seeds the TPE sampler; null for parallel workers, which would otherwise propose alike."""
+    latent_dim: tuple[int, int] = (2, 16)
+    """Integer range, inclusive."""
+    kl_weight: tuple[float, float] = (0.1, 4.0)
+    """Log-uniform range."""
+    hidden_dims: tuple[tuple[int, ...], ...] = ((256, 128), (512, 256), (512, 256, 128), (128,))
+    """Architectures to choose from."""
+
+    def __post_init__(self) -> None:
+        _check(self.n_trials >= 1, "sweep.n_trials", self.n_trials, "an integer >= 1")
+        _check(self.timeout_s is None or self.timeout_s > 0, "sweep.timeout_s", self.timeout_s,
+               "a positive number of seconds or null")
+        _check(self.max_epochs >= 1, "sweep.max_epochs", self.max_epochs, "an integer >= 1")
+        _check(self.workers >= 1, "sweep.workers", self.workers, "an integer >= 1")
+        _check(self.pruner_startup_trials >= 0, "sweep.pruner_startup_trials",
+               self.pruner_startup_trials, "an integer >= 0")
+        _check(self.heartbeat_s >= 1, "sweep.heartbeat_s", self.heartbeat_s, "an integer >= 1")
+        _check("://" in self.storage, "sweep.storage", self.storage,
+               "an Optuna storage URL such as sqlite:///sweeps/optuna.db")
+        low, high = self.latent_dim
+        _check(1 <= low <= high, "sweep.latent_dim", list(self.latent_dim), "[low, high] with 1 <= low <= high")
+        low, high = self.kl_weight
+        _check(0 < low <= high, "sweep.kl_weight", list(self.kl_weight), "[low, high] with 0 < low <= high")
+        _check(len(self.hidden_dims) > 0 and all(len(h) > 0 and min(h) >= 1 for h in self.hidden_dims),
+               "sweep.hidden_dims", [list(h) for h in self.hidden_dims],
+               "a non-empty list of layer-width lists such as [[256, 128], [512, 256]]")
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     figures: FiguresConfig = field(default_factory=FiguresConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def flat(self) -> dict[str, Any]:
         """`{"model.latent_dim": 2, ...}`: the names MLflow params and `dvc exp run -S` use."""
-        return {f"{section}.{key}": list(value) if isinstance(value, tuple) else value
+        return {f"{section}.{key}": _plain(value)
                 for section, values in dataclasses.asdict(self).items()
                 for key, value in values.items()}
 
 
-def load_config(path: Path | str = PARAMS_FILE) -> Config:
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, tuple) else value
+
+
+def load_config(path: Path | str = PARAMS_FILE, overrides: Mapping[str, Any] | None = None) -> Config:
+    """The validated config; `overrides` maps flat names ("sweep.n_trials") to values from flags."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -153,7 +208,11 @@ def load_config(path: Path | str = PARAMS_FILE) -> Config:
         raise ConfigError(f"{path}: not found; run from the project root, where params.yaml lives") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
-    return from_dict(raw or {}, source=str(path))
+    raw = raw or {}
+    for name, value in (overrides or {}).items():
+        section, key = name.split(".", 1)
+        raw = {**raw, section: {**(raw.get(section) or {}), key: value}}
+    return from_dict(raw, source=str(path))
 
 
 def from_dict(raw: Mapping[str, Any], source: str = str(PARAMS_FILE)) -> Config:

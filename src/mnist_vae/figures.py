@@ -136,3 +136,31 @@ def draw_all(vae: VAE, images: Tensor, labels: Tensor, history: list[dict[str, f
         latent_grid(decode(z_grid), cfg.grid_size, vae.latent_dim, out_dir / "latent_grid.png"),
         training_curves(history, out_dir / "training_curves.png"),
     ]
+
+
+def study_plots(study, out_dir: Path) -> list[Path]:
+    """Optuna's optimisation history, parameter importances and slice plots, plus the
+    rate-distortion scatter of the complete trials (val_recon vs val_kl, coloured by kl_weight)."""
+    import optuna.visualization.matplotlib as ovm
+
+    paths = []
+    for name, plot in (("optimization_history", ovm.plot_optimization_history),
+                       ("param_importances", ovm.plot_param_importances),
+                       ("slice", ovm.plot_slice)):
+        try:
+            axes = plot(study)
+        except (ValueError, RuntimeError):  # e.g. importances need two complete, differing trials
+            continue
+        fig = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+        paths.append(_save(fig, out_dir / f"{name}.png"))
+    trials = [t for t in study.trials if "val_kl" in t.user_attrs]
+    fig, ax = plt.subplots(figsize=(6, 5))
+    points = ax.scatter([t.user_attrs["val_kl"] for t in trials],
+                        [t.user_attrs["val_recon"] for t in trials],
+                        c=[t.params["kl_weight"] for t in trials], cmap="viridis",
+                        norm=matplotlib.colors.LogNorm())
+    fig.colorbar(points, ax=ax, label="kl_weight")
+    ax.set(title="Rate-distortion of the complete trials (validation)",
+           xlabel="rate: KL (nats per image)", ylabel="distortion: reconstruction (nats per image)")
+    paths.append(_save(fig, out_dir / "rate_distortion.png"))
+    return paths

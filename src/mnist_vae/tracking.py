@@ -48,7 +48,11 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-def experiment_id(name: str = EXPERIMENT) -> str:
+def use_experiment(name: str = EXPERIMENT) -> str:
+    """Point MLflow at the project's store (before any other MLflow call: MLflow 3's own default
+    is ./mlflow.db in the current directory) and return the experiment's id, creating it."""
+    # Like DVC's analytics (off in .dvc/config): no phoning home from offline machines.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(name)
@@ -76,7 +80,7 @@ def pipeline_run(cfg: Config, run_file: Path = RUN_FILE) -> Iterator[mlflow.Acti
 
     The run ends FINISHED, or FAILED if the block raises; later stages reopen it.
     """
-    with mlflow.start_run(experiment_id=experiment_id(), run_name=os.environ.get("DVC_EXP_NAME"),
+    with mlflow.start_run(experiment_id=use_experiment(), run_name=os.environ.get("DVC_EXP_NAME"),
                           tags=run_tags()) as run:
         mlflow.log_params(cfg.flat())
         write_json(run_file, {"run_id": run.info.run_id, "tracking_uri": tracking_uri()})
@@ -90,7 +94,7 @@ def continue_run(run_file: Path = RUN_FILE) -> Iterator[mlflow.ActiveRun]:
         run_id = json.loads(run_file.read_text())["run_id"]
     except (OSError, ValueError, KeyError) as err:
         raise PipelineError(f"{run_file}: no MLflow run id ({err}); run `dvc repro train` first") from None
-    experiment_id()
+    use_experiment()
     with mlflow.start_run(run_id=run_id) as run:
         yield run
 

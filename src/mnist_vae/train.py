@@ -66,15 +66,18 @@ def fit(cfg: Config, data: VaeDataModule, run_id: str | None = None, *,
     # query NVML (~43 us) instead of using the cached answer.
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory batches need none
+    warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")  # Lightning's, not ours
+    warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")  # run file
 
     checkpoint = ModelCheckpoint(dirpath=models_dir, filename="best", monitor="val_neg_elbo",
                                  mode="min", save_last=True, enable_version_counter=False)
     history = History(history_file)
-    all_callbacks = [checkpoint, history, *callbacks]
+    all_callbacks: list[L.Callback] = [checkpoint, history]
     if run_id is not None:
         all_callbacks.append(EpochMetricsLogger(run_id))
     if enable_progress_bar:
         all_callbacks.append(TQDMProgressBar(refresh_rate=10))
+    all_callbacks += callbacks  # last: a pruning callback may stop the epoch after it is logged
     trainer = L.Trainer(max_epochs=cfg.train.max_epochs, accelerator=cfg.train.accelerator,
                         devices=1, logger=False, callbacks=all_callbacks,
                         enable_progress_bar=enable_progress_bar, enable_model_summary=enable_progress_bar)

@@ -1,0 +1,82 @@
+"""Real Optuna studies on SQLite with the real fit path, tiny epochs: resume, MLflow parent and
+children, pruning, parallel workers."""
+
+import dataclasses
+import sys
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+from mnist_vae.config import load_config
+
+from .conftest import run
+
+SMALL = ["--max-epochs", "2", "--hidden-dims", "[[32], [64, 32]]", "--latent-dim", "[2, 4]",
+         "--pruner-startup-trials", "2"]
+
+
+def sweep(project, *flags):
+    return run([sys.executable, "pipeline/sweep.py", *SMALL, *flags], project)
+
+
+def trials(project):
+    storage = f"sqlite:///{project / 'sweeps' / 'optuna.db'}"
+    return optuna.load_study(study_name="mnist-vae", storage=storage).trials
+
+
+def mlflow_runs(project):
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["mnist-vae"], output_format="list")
+
+
+def test_study_resumes_under_one_parent_run(project):
+    first = sweep(project, "--n-trials", "3", "--seed", "0")
+    assert len(trials(project)) == 3
+    assert "dvc exp run -S 'model.latent_dim=" in first.stdout
+    best = yaml.safe_load((project / "sweeps" / "best_params.yaml").read_text())
+    assert set(best["model"]) == {"latent_dim", "kl_weight", "hidden_dims"}
+
+    sweep(project, "--n-trials", "2")
+    study_trials = trials(project)
+    assert [t.number for t in study_trials] == [0, 1, 2, 3, 4]
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+               for t in study_trials)
+
+    runs = mlflow_runs(project)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 5 and parent.info.status == "FINISHED"
+    for child in children:
+        assert {"model.latent_dim", "model.kl_weight", "model.hidden_dims"} <= set(child.data.params)
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["optuna.state"] in ("COMPLETE", "PRUNED")
+    assert "best_val_neg_elbo" in parent.data.metrics
+    plots = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/rate_distortion.png" in plots and "plots/optimization_history.png" in plots
+
+
+def test_a_hopeless_trial_is_pruned(project, monkeypatch):
+    sweep(project, "--n-trials", "2", "--seed", "0")
+    monkeypatch.chdir(project)
+    from mnist_vae.sweep import PARENT_RUN_ATTR, Objective, open_study
+
+    cfg = load_config(overrides={"sweep.max_epochs": 3, "sweep.pruner_startup_trials": 2,
+                                 "sweep.hidden_dims": [[32], [64, 32]], "sweep.latent_dim": [2, 4]})
+    study = open_study(cfg)
+    study.enqueue_trial({"latent_dim": 2, "kl_weight": 1.0, "hidden_dims": "[32]"})
+    # A learning rate this small leaves the model where it started: far above the median.
+    hopeless = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e-9))
+    study.optimize(Objective(hopeless, study.user_attrs[PARENT_RUN_ATTR]), n_trials=1)
+    assert study.trials[-1].state == optuna.trial.TrialState.PRUNED
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_parallel_workers_lose_no_trial(project, workers):
+    sweep(project, "--n-trials", "4", "--workers", str(workers))
+    study_trials = trials(project)
+    assert sorted(t.number for t in study_trials) == [0, 1, 2, 3]
+    assert all(t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL for t in study_trials)
+    children = [r for r in mlflow_runs(project) if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
