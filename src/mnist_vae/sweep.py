@@ -97,13 +97,14 @@ class Objective:
         with mlflow.start_run(experiment_id=self.experiment_id, nested=True,
                               parent_run_id=self.parent_run_id, run_name=f"trial-{trial.number}",
                               tags={"optuna.study": cfg.sweep.study_name,
-                                    "optuna.trial_number": str(trial.number)}) as run:
+                                    "optuna.trial_number": str(trial.number),
+                                    **tracking.process_tags()}) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.log_params({k: v for k, v in cfg.flat().items() if not k.startswith("sweep.")})
             try:
-                with tempfile.TemporaryDirectory() as models_dir:
-                    result = fit(cfg, self.data, run.info.run_id, models_dir=Path(models_dir),
-                                 history_file=None, enable_progress_bar=False,
+                with tempfile.TemporaryDirectory() as work_dir:
+                    result = fit(cfg, self.data, run.info.run_id, work_dir=Path(work_dir),
+                                 models_dir=None, history_file=None, enable_progress_bar=False,
                                  callbacks=[PyTorchLightningPruningCallback(trial, "val_neg_elbo")])
             except optuna.TrialPruned:
                 result = None  # a pruned trial is no failure: its run ends FINISHED
@@ -142,6 +143,7 @@ def run_sweep(cfg: Config) -> optuna.Study:
     """Add cfg.sweep.n_trials trials to the study, in cfg.sweep.workers processes."""
     study = open_study(cfg)
     experiment_id = tracking.use_experiment()
+    tracking.close_dead_runs(experiment_id)
     parent_run_id = study.user_attrs.get(PARENT_RUN_ATTR)
     if parent_run_id is None:
         parent = mlflow.MlflowClient().create_run(
@@ -154,7 +156,7 @@ def run_sweep(cfg: Config) -> optuna.Study:
     workers = cfg.sweep.workers
     shares = [cfg.sweep.n_trials // workers + (i < cfg.sweep.n_trials % workers) for i in range(workers)]
     threads = max(1, (os.cpu_count() or 1) // workers)
-    with mlflow.start_run(run_id=parent_run_id):
+    with mlflow.start_run(run_id=parent_run_id, tags=tracking.process_tags()):
         if workers == 1:
             _worker(cfg, shares[0], parent_run_id, torch.get_num_threads())
         else:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +23,8 @@ from mlflow.data.sources import LocalArtifactDatasetSource
 
 from .config import Config, PipelineError
 from .files import write_json
+
+log = logging.getLogger(__name__)
 
 EXPERIMENT = "mnist-vae"
 RUN_FILE = Path("models/mlflow_run.json")
@@ -67,22 +71,49 @@ def use_experiment(name: str = EXPERIMENT) -> str:
         return mlflow.get_experiment_by_name(name).experiment_id
 
 
-def run_tags() -> dict[str, str]:
-    tags = {}
+def process_tags() -> dict[str, str]:
+    """Who holds the run open: lets a later start tell a crashed run from a live one."""
+    tags = {"process.host": socket.gethostname(), "process.pid": str(os.getpid())}
     if exp_name := os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = exp_name
     return tags
 
 
-@contextmanager
-def pipeline_run(cfg: Config, run_file: Path = RUN_FILE) -> Iterator[mlflow.ActiveRun]:
-    """Open the pipeline's run (train stage): params and tags logged, its id written to run_file.
+def close_dead_runs(experiment: str) -> None:
+    """Mark KILLED the runs left RUNNING by a process of this host that no longer exists."""
+    client = mlflow.MlflowClient()
+    for run in client.search_runs([experiment], "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get("process.host") == socket.gethostname() and not _alive(int(tags.get("process.pid", 0))):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            log.warning("MLflow run %s was left RUNNING by a dead process: marked KILLED",
+                        run.info.run_id)
 
-    The run ends FINISHED, or FAILED if the block raises; later stages reopen it.
-    """
-    with mlflow.start_run(experiment_id=use_experiment(), run_name=os.environ.get("DVC_EXP_NAME"),
-                          tags=run_tags()) as run:
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return pid > 0
+
+
+@contextmanager
+def pipeline_run(cfg: Config, resume_run_id: str | None = None,
+                 run_file: Path = RUN_FILE) -> Iterator[mlflow.ActiveRun]:
+    """Open the pipeline's run (train stage), or reopen an interrupted one; write its id to
+    run_file for the later stages. It ends FINISHED, or FAILED if the block raises."""
+    experiment = use_experiment()
+    close_dead_runs(experiment)
+    if resume_run_id is not None:
+        run = mlflow.start_run(run_id=resume_run_id, tags=process_tags())
+    else:
+        run = mlflow.start_run(experiment_id=experiment, run_name=os.environ.get("DVC_EXP_NAME"),
+                               tags=process_tags())
         mlflow.log_params(cfg.flat())
+    with run:
         write_json(run_file, {"run_id": run.info.run_id, "tracking_uri": tracking_uri()})
         yield run
 
@@ -94,8 +125,8 @@ def continue_run(run_file: Path = RUN_FILE) -> Iterator[mlflow.ActiveRun]:
         run_id = json.loads(run_file.read_text())["run_id"]
     except (OSError, ValueError, KeyError) as err:
         raise PipelineError(f"{run_file}: no MLflow run id ({err}); run `dvc repro train` first") from None
-    use_experiment()
-    with mlflow.start_run(run_id=run_id) as run:
+    close_dead_runs(use_experiment())
+    with mlflow.start_run(run_id=run_id, tags=process_tags()) as run:
         yield run
 
 
@@ -115,10 +146,15 @@ class EpochMetricsLogger(L.Callback):
     """Logs every epoch's metrics to an MLflow run with step = epoch, in one batch per epoch."""
 
     def __init__(self, run_id: str) -> None:
-        self.run_id = run_id
+        self.run_id, self.logged_epochs = run_id, set()
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # A resumed fit may replay the epoch a crash interrupted after it was logged.
+        history = mlflow.MlflowClient().get_metric_history(self.run_id, "val_neg_elbo")
+        self.logged_epochs = {m.step for m in history}
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or trainer.current_epoch in self.logged_epochs:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         mlflow.log_metrics(metrics, step=trainer.current_epoch, run_id=self.run_id)

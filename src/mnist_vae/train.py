@@ -1,26 +1,40 @@
-"""`fit()`: the one training path, shared by the train stage, the sweep and the benchmark."""
+"""`fit()`: the one training path, shared by the train stage, the sweep and the benchmark.
+
+Checkpoints are written to a work folder outside DVC's outputs (DVC deletes outputs before it
+reruns a stage), so a killed training resumes from its last epoch; models/ receives best.ckpt and
+last.ckpt only once training has finished.
+"""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
+import logging
 import os
+import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from .config import Config
 from .data import VaeDataModule
-from .files import write_bytes
+from .files import write_bytes, write_json
 from .model import LitVAE
 from .tracking import EpochMetricsLogger
 
+log = logging.getLogger(__name__)
+
 MODELS_DIR = Path("models")
+WORK_DIR = Path("checkpoints")  # git-ignored and no DVC output: survives a crash and a rerun
 HISTORY_FILE = Path("metrics/train_history.csv")
+RESUME_FILE = "resume.json"
 
 
 @dataclass
@@ -43,6 +57,13 @@ class History(L.Callback):
     def __init__(self, path: Path | None) -> None:
         self.path, self.rows = path, []
 
+    # Saved in every checkpoint, so a resumed training keeps the epochs before the crash.
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = state["rows"]
+
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -57,19 +78,20 @@ class History(L.Callback):
 
 
 def fit(cfg: Config, data: VaeDataModule, run_id: str | None = None, *,
-        models_dir: Path = MODELS_DIR, history_file: Path | None = HISTORY_FILE,
+        work_dir: Path = WORK_DIR, models_dir: Path | None = MODELS_DIR,
+        history_file: Path | None = HISTORY_FILE, resume_from: Path | None = None,
         callbacks: Sequence[L.Callback] = (), enable_progress_bar: bool = True) -> FitResult:
-    """Train a VAE as cfg says; keep best.ckpt (lowest val_neg_elbo) and last.ckpt in models_dir;
-    log each epoch to the MLflow run `run_id` when given."""
+    """Train a VAE as cfg says, checkpointing best (lowest val_neg_elbo) and last epochs in
+    work_dir, then moving them to models_dir; log each epoch to the MLflow run `run_id` if given.
+    `resume_from`: a last.ckpt of an interrupted fit of the same config and data."""
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     # `import lightning` sets this; on a CUDA build without a GPU it makes every optimizer step
     # query NVML (~43 us) instead of using the cached answer.
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory batches need none
     warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")  # Lightning's, not ours
-    warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")  # run file
 
-    checkpoint = ModelCheckpoint(dirpath=models_dir, filename="best", monitor="val_neg_elbo",
+    checkpoint = ModelCheckpoint(dirpath=work_dir, filename="best", monitor="val_neg_elbo",
                                  mode="min", save_last=True, enable_version_counter=False)
     history = History(history_file)
     all_callbacks: list[L.Callback] = [checkpoint, history]
@@ -81,5 +103,49 @@ def fit(cfg: Config, data: VaeDataModule, run_id: str | None = None, *,
     trainer = L.Trainer(max_epochs=cfg.train.max_epochs, accelerator=cfg.train.accelerator,
                         devices=1, logger=False, callbacks=all_callbacks,
                         enable_progress_bar=enable_progress_bar, enable_model_summary=enable_progress_bar)
-    trainer.fit(LitVAE.from_config(cfg.model, cfg.train), datamodule=data)
-    return FitResult(Path(checkpoint.best_model_path), history.rows)
+    trainer.fit(LitVAE.from_config(cfg.model, cfg.train), datamodule=data, ckpt_path=resume_from)
+    best = Path(checkpoint.best_model_path)
+    if models_dir is not None:
+        models_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("best.ckpt", "last.ckpt"):
+            shutil.copyfile(work_dir / name, models_dir / f".{name}.tmp")
+            os.replace(models_dir / f".{name}.tmp", models_dir / name)
+        best = models_dir / "best.ckpt"
+    return FitResult(best, history.rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming the train stage after a crash
+
+def fingerprint(cfg: Config, source: dict) -> str:
+    """What a training depends on: a resume is only right if none of it changed."""
+    params = {k: v for k, v in cfg.flat().items()
+              if k.startswith(("model.", "train.")) or k in ("data.val_fraction", "data.seed")}
+    blob = json.dumps([params, source["sha256_decompressed"]], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class Interrupted:
+    run_id: str
+    checkpoint: Path
+    epoch: int  # the last epoch it finished
+
+
+def find_interrupted(fingerprint: str, work_dir: Path = WORK_DIR) -> Interrupted | None:
+    """The training that a crash cut short, if it trained this very config on this data."""
+    try:
+        state = json.loads((work_dir / RESUME_FILE).read_text())
+        checkpoint = work_dir / "last.ckpt"
+        epoch = torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"]
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None
+    if state["fingerprint"] != fingerprint:
+        log.info("an interrupted training in %s had other params or data: starting fresh", work_dir)
+        return None
+    return Interrupted(state["run_id"], checkpoint, epoch)
+
+
+def start_work_dir(run_id: str, fingerprint: str, work_dir: Path = WORK_DIR) -> None:
+    shutil.rmtree(work_dir, ignore_errors=True)
+    write_json(work_dir / RESUME_FILE, {"run_id": run_id, "fingerprint": fingerprint})

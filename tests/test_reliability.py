@@ -1,0 +1,113 @@
+"""Crashes and bad input, done for real: SIGKILL mid-training and mid-sweep, NaN losses, bad params."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import torch
+import yaml
+
+from .conftest import BIN, run, tiny_params
+
+
+def runs_of(project):
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["mnist-vae"], output_format="list")
+
+
+def set_params(project, **sections):
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(**sections), sort_keys=False))
+
+
+def start(cmd, project):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen(cmd, cwd=project, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_when(proc, ready, timeout_s=120):
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert proc.poll() is None, "finished before it could be killed"
+        assert time.monotonic() < deadline, "never got there"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def finished_epochs(checkpoint):
+    try:
+        return torch.load(checkpoint, weights_only=True)["epoch"] + 1
+    except Exception:  # not written yet, or being replaced
+        return 0
+
+
+def test_killed_training_resumes_the_same_run(project):
+    set_params(project, model={"hidden_dims": [256, 128]}, train={"max_epochs": 6, "batch_size": 32})
+    run(["git", "commit", "-qam", "slower training"], project)
+    proc = start(["dvc", "repro"], project)
+    kill_when(proc, lambda: finished_epochs(project / "checkpoints" / "last.ckpt") >= 2)
+    assert not (project / "models" / "best.ckpt").exists()
+
+    run(["dvc", "repro"], project)
+    (only,) = runs_of(project)
+    assert only.info.status == "FINISHED"
+    assert int(only.data.tags["resumed_from_epoch"]) >= 1
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(only.info.run_id, "val_neg_elbo")]
+    assert sorted(steps) == list(range(6))  # one value per epoch, none twice
+    history = (project / "metrics" / "train_history.csv").read_text().splitlines()
+    assert len(history) == 1 + 6
+    assert not (project / "checkpoints").exists()
+
+
+def test_changed_params_start_fresh_instead_of_resuming(project):
+    set_params(project, model={"hidden_dims": [256, 128]}, train={"max_epochs": 6, "batch_size": 32})
+    run(["dvc", "repro", "download"], project)
+    proc = start([sys.executable, "pipeline/train.py"], project)
+    kill_when(proc, lambda: finished_epochs(project / "checkpoints" / "last.ckpt") >= 1)
+    set_params(project, model={"hidden_dims": [256, 128]}, train={"max_epochs": 2, "batch_size": 32})
+    result = run([sys.executable, "pipeline/train.py"], project)
+    assert "starting fresh" in result.stderr
+    runs = runs_of(project)
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+    assert not any("resumed_from_epoch" in r.data.tags for r in runs)
+
+
+def test_nan_loss_fails_the_run_and_names_the_fix(project):
+    set_params(project, train={"lr": 1e30, "max_epochs": 3})
+    run(["dvc", "repro", "download"], project)
+    result = run([sys.executable, "pipeline/train.py"], project, check=False)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training loss is nan at epoch ") and "lower train.lr" in last
+    (only,) = runs_of(project)
+    assert only.info.status == "FAILED"
+
+
+def test_killed_sweep_fails_the_dead_trial_and_continues(project):
+    flags = ["--hidden-dims", "[[256, 128]]", "--heartbeat-s", "1", "--pruner", "none"]
+    proc = start([sys.executable, "pipeline/sweep.py", "--n-trials", "3", "--max-epochs", "30", *flags],
+                 project)
+    storage = f"sqlite:///{project / 'sweeps' / 'optuna.db'}"
+
+    def trial_running():
+        try:
+            study = optuna.load_study(study_name="mnist-vae", storage=storage)
+        except Exception:  # storage or study not created yet
+            return False
+        return any(t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
+                   for t in study.trials)
+
+    kill_when(proc, trial_running)
+    time.sleep(4)  # past the grace period of 3 heartbeats
+    run([sys.executable, "pipeline/sweep.py", "--n-trials", "1", "--max-epochs", "1", *flags], project)
+    trials = optuna.load_study(study_name="mnist-vae", storage=storage).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    statuses = {r.data.tags.get("optuna.trial_number"): r.info.status for r in runs_of(project)}
+    assert statuses["0"] == "KILLED" and statuses["1"] == "FINISHED"
+    assert "RUNNING" not in statuses.values()
