@@ -31,8 +31,9 @@ def tiny_params(**overrides: dict) -> dict:
     return params
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+def run(cmd: list[str], cwd: Path, check: bool = True, env_extra: dict | None = None,
+        **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env_extra or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
     if check and result.returncode != 0:

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 
 import mlflow
 import yaml
@@ -59,11 +60,19 @@ def test_repro_then_noop_then_experiment(project):
     assert METRIC_KEYS <= set(scored) and scored["n_test"] == 500
 
 
-def test_queued_experiment_lands_in_the_projects_store(project):
-    """`--temp` runs in a copy under .dvc/tmp/exps, as queued experiments do."""
-    run(["dvc", "exp", "run", "--temp", "-S", "train.max_epochs=1"], project)
-    (only,) = runs_of(project)
-    assert only.info.status == "FINISHED" and only.data.params["train.max_epochs"] == "1"
+def test_queued_experiments_in_parallel_both_land_in_the_projects_store(project):
+    """Queued experiments run in copies under .dvc/tmp/exps, two at once on one SQLite store."""
+    run(["dvc", "repro", "download"], project)
+    for latent_dim in (3, 4):
+        run(["dvc", "exp", "run", "--queue", "-S", f"model.latent_dim={latent_dim}"], project)
+    run(["dvc", "queue", "start", "-j", "2"], project, env_extra={"OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while (status := run(["dvc", "queue", "status"], project).stdout).count("Success") < 2:
+        assert "Failed" not in status and time.monotonic() < deadline, status
+        time.sleep(2)
+    runs = runs_of(project)
+    assert sorted(r.data.params["model.latent_dim"] for r in runs) == ["3", "4"]
+    assert all(r.info.status == "FINISHED" and r.data.tags.get("dvc.exp_name") for r in runs)
     assert not list((project / ".dvc" / "tmp").glob("exps/*/mlruns"))
 
 

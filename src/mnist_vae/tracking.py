@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import mlflow
+from filelock import FileLock
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 
@@ -59,14 +60,22 @@ def use_experiment(name: str = EXPERIMENT) -> str:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    if uri != default_tracking_uri():  # a server: it creates its schema and artifact root itself
+        return _get_or_create_experiment(name, artifact_location=None)
+    store = project_root() / "mlruns"
+    store.mkdir(exist_ok=True)
+    # Two stages starting at once (`dvc queue start -j 2`) would both create the SQLite schema;
+    # the loser's migration fails. One at a time, the second finds it made.
+    with FileLock(store / ".create.lock"):
+        return _get_or_create_experiment(name, artifact_location=(store / "artifacts").as_uri())
+
+
+def _get_or_create_experiment(name: str, artifact_location: str | None) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    # A server chooses its own artifact root; our default store keeps them beside the db,
-    # not under the current directory (a DVC temp copy, for queued experiments).
-    location = (project_root() / "mlruns" / "artifacts").as_uri() if uri == default_tracking_uri() else None
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        return mlflow.create_experiment(name, artifact_location=artifact_location)
     except mlflow.exceptions.MlflowException:  # another process created it first
         return mlflow.get_experiment_by_name(name).experiment_id
 
