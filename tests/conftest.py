@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 
@@ -58,3 +59,20 @@ def project(tmp_path: Path) -> Path:
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "init"], repo)
     return repo
+
+
+def mlflow_runs(project: Path) -> list[mlflow.entities.Run]:
+    """The runs in the project's default store (no global tracking URI: tests share a process)."""
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mnist-vae")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def metric_steps(project: Path, run_id: str, key: str) -> list[int]:
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def artifact_paths(project: Path, run_id: str, folder: str) -> set[str]:
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    return {a.path for a in client.list_artifacts(run_id, folder)}

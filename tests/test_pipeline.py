@@ -4,19 +4,14 @@ import json
 import sys
 import time
 
-import mlflow
 import yaml
 
-from .conftest import run
+from .conftest import artifact_paths, metric_steps, mlflow_runs, run
 
 METRIC_KEYS = {"test_neg_elbo", "test_recon", "test_kl", "test_iwae_nll", "n_test"}
 FIGURES = {"latent_space.png", "reconstructions.png", "prior_samples.png", "interpolation.png",
            "latent_grid.png", "training_curves.png"}
 
-
-def runs_of(project):
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=["mnist-vae"], output_format="list")
 
 
 def test_repro_then_noop_then_experiment(project):
@@ -29,13 +24,13 @@ def test_repro_then_noop_then_experiment(project):
     shown = run(["dvc", "metrics", "show", "--json"], project).stdout
     assert "test_iwae_nll" in shown
 
-    (first,) = runs_of(project)
+    (first,) = mlflow_runs(project)
     assert first.info.status == "FINISHED"
     assert first.data.params["model.latent_dim"] == "2"
     assert {"test_iwae_nll", "val_neg_elbo", "train_loss"} <= set(first.data.metrics)
-    history = mlflow.MlflowClient().get_metric_history(first.info.run_id, "val_neg_elbo")
-    assert sorted(m.step for m in history) == [0, 1]  # one value per epoch, step = epoch
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(first.info.run_id, "figures")}
+    # one value per epoch, step = epoch
+    assert metric_steps(project, first.info.run_id, "val_neg_elbo") == [0, 1]
+    artifacts = artifact_paths(project, first.info.run_id, "figures")
     assert artifacts == {f"figures/{name}" for name in FIGURES}
     assert (project / "mlruns" / "artifacts").is_dir()
 
@@ -43,10 +38,10 @@ def test_repro_then_noop_then_experiment(project):
     run([sys.executable, "-c", "import compileall; compileall.compile_dir('src', quiet=1)"], project)
     again = run(["dvc", "repro"], project)
     assert "Running stage" not in again.stdout, again.stdout
-    assert len(runs_of(project)) == 1
+    assert len(mlflow_runs(project)) == 1
 
     run(["dvc", "exp", "run", "-S", "model.latent_dim=3"], project)
-    runs = runs_of(project)
+    runs = mlflow_runs(project)
     assert len(runs) == 2
     variant = next(r for r in runs if r.info.run_id != first.info.run_id)
     assert variant.data.params["model.latent_dim"] == "3" and variant.info.status == "FINISHED"
@@ -70,7 +65,7 @@ def test_queued_experiments_in_parallel_both_land_in_the_projects_store(project)
     while (status := run(["dvc", "queue", "status"], project).stdout).count("Success") < 2:
         assert "Failed" not in status and time.monotonic() < deadline, status
         time.sleep(2)
-    runs = runs_of(project)
+    runs = mlflow_runs(project)
     assert sorted(r.data.params["model.latent_dim"] for r in runs) == ["3", "4"]
     assert all(r.info.status == "FINISHED" and r.data.tags.get("dvc.exp_name") for r in runs)
     assert not list((project / ".dvc" / "tmp").glob("exps/*/mlruns"))

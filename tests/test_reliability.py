@@ -6,17 +6,12 @@ import subprocess
 import sys
 import time
 
-import mlflow
 import optuna
 import torch
 import yaml
 
-from .conftest import BIN, run, tiny_params
+from .conftest import BIN, metric_steps, mlflow_runs, run, tiny_params
 
-
-def runs_of(project):
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=["mnist-vae"], output_format="list")
 
 
 def set_params(project, **sections):
@@ -55,11 +50,10 @@ def test_killed_training_resumes_the_same_run(project):
     assert not (project / "models" / "best.ckpt").exists()
 
     run(["dvc", "repro"], project)
-    (only,) = runs_of(project)
+    (only,) = mlflow_runs(project)
     assert only.info.status == "FINISHED"
     assert int(only.data.tags["resumed_from_epoch"]) >= 1
-    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(only.info.run_id, "val_neg_elbo")]
-    assert sorted(steps) == list(range(6))  # one value per epoch, none twice
+    assert metric_steps(project, only.info.run_id, "val_neg_elbo") == list(range(6))  # one value per epoch, none twice
     history = (project / "metrics" / "train_history.csv").read_text().splitlines()
     assert len(history) == 1 + 6
     assert not (project / "checkpoints").exists()
@@ -73,7 +67,7 @@ def test_changed_params_start_fresh_instead_of_resuming(project):
     set_params(project, model={"hidden_dims": [256, 128]}, train={"max_epochs": 2, "batch_size": 32})
     result = run([sys.executable, "pipeline/train.py"], project)
     assert "starting fresh" in result.stderr
-    runs = runs_of(project)
+    runs = mlflow_runs(project)
     assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
     assert not any("resumed_from_epoch" in r.data.tags for r in runs)
 
@@ -85,7 +79,7 @@ def test_nan_loss_fails_the_run_and_names_the_fix(project):
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: training loss is nan at epoch ") and "lower train.lr" in last
-    (only,) = runs_of(project)
+    (only,) = mlflow_runs(project)
     assert only.info.status == "FAILED"
 
 
@@ -108,6 +102,6 @@ def test_killed_sweep_fails_the_dead_trial_and_continues(project):
     run([sys.executable, "pipeline/sweep.py", "--n-trials", "1", "--max-epochs", "1", *flags], project)
     trials = optuna.load_study(study_name="mnist-vae", storage=storage).trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
-    statuses = {r.data.tags.get("optuna.trial_number"): r.info.status for r in runs_of(project)}
+    statuses = {r.data.tags.get("optuna.trial_number"): r.info.status for r in mlflow_runs(project)}
     assert statuses["0"] == "KILLED" and statuses["1"] == "FINISHED"
     assert "RUNNING" not in statuses.values()

@@ -4,14 +4,13 @@ children, pruning, parallel workers."""
 import dataclasses
 import sys
 
-import mlflow
 import optuna
 import pytest
 import yaml
 
 from mnist_vae.config import load_config
 
-from .conftest import run
+from .conftest import artifact_paths, mlflow_runs, run
 
 SMALL = ["--max-epochs", "2", "--hidden-dims", "[[32], [64, 32]]", "--latent-dim", "[2, 4]",
          "--pruner-startup-trials", "2"]
@@ -25,10 +24,6 @@ def trials(project):
     storage = f"sqlite:///{project / 'sweeps' / 'optuna.db'}"
     return optuna.load_study(study_name="mnist-vae", storage=storage).trials
 
-
-def mlflow_runs(project):
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=["mnist-vae"], output_format="list")
 
 
 def test_study_resumes_under_one_parent_run(project):
@@ -53,13 +48,14 @@ def test_study_resumes_under_one_parent_run(project):
         assert child.info.status == "FINISHED"
         assert child.data.tags["optuna.state"] in ("COMPLETE", "PRUNED")
     assert "best_val_neg_elbo" in parent.data.metrics
-    plots = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "plots")}
+    plots = artifact_paths(project, parent.info.run_id, "plots")
     assert "plots/rate_distortion.png" in plots and "plots/optimization_history.png" in plots
 
 
 def test_a_hopeless_trial_is_pruned(project, monkeypatch):
     sweep(project, "--n-trials", "2", "--seed", "0")
     monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
     from mnist_vae.sweep import PARENT_RUN_ATTR, Objective, open_study
 
     cfg = load_config(overrides={"sweep.max_epochs": 3, "sweep.pruner_startup_trials": 2,

@@ -193,8 +193,9 @@ def summarise(study: optuna.Study, cfg: Config, out_dir: Path = SWEEPS_DIR) -> N
         log.warning("no trial completed; nothing to summarise")
         return
     best = best_params(study, cfg)
-    mlflow.log_metric("best_val_neg_elbo", study.best_value)
-    mlflow.log_params({f"best.{k}": v for k, v in study.best_params.items()})
+    mlflow.log_metric("best_val_neg_elbo", study.best_value, step=len(study.trials))
+    # Tags, not params: the best trial changes as a resumed study grows.
+    mlflow.set_tags({f"best.{k}": v for k, v in study.best_params.items()})
     write_bytes(out_dir / "best_params.yaml", yaml.safe_dump(best, sort_keys=False).encode())
     mlflow.log_artifact(str(out_dir / "best_params.yaml"))
     from .figures import study_plots  # matplotlib only when there is something to draw
