@@ -13,7 +13,7 @@ from mnist_vae.config import load_config
 from .conftest import artifact_paths, mlflow_runs, run
 
 SMALL = ["--max-epochs", "2", "--hidden-dims", "[[32], [64, 32]]", "--latent-dim", "[2, 4]",
-         "--pruner-startup-trials", "2"]
+         "--pruner-startup-trials", "2", "--pruner-warmup-epochs", "1"]
 
 
 def sweep(project, *flags):
@@ -59,6 +59,7 @@ def test_a_hopeless_trial_is_pruned(project, monkeypatch):
     from mnist_vae.sweep import PARENT_RUN_ATTR, Objective, open_study
 
     cfg = load_config(overrides={"sweep.max_epochs": 3, "sweep.pruner_startup_trials": 2,
+                                 "sweep.pruner_warmup_epochs": 1,
                                  "sweep.hidden_dims": [[32], [64, 32]], "sweep.latent_dim": [2, 4]})
     study = open_study(cfg)
     study.enqueue_trial({"latent_dim": 2, "kl_weight": 1.0, "hidden_dims": "[32]"})

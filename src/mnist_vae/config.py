@@ -148,6 +148,8 @@ class SweepConfig:
     """Stops trials whose val_neg_elbo is worse than the median of earlier trials at that epoch."""
     pruner_startup_trials: int = 5
     """Trials that run to the end before the pruner starts judging."""
+    pruner_warmup_epochs: int = 5
+    """Epochs a trial runs before it can be pruned: early epochs rank configurations poorly."""
     heartbeat_s: int = 10
     """A running trial's heartbeat; one silent for 3 beats (its process died) is marked FAIL."""
     seed: int | None = None
@@ -167,6 +169,8 @@ class SweepConfig:
         _check(self.workers >= 1, "sweep.workers", self.workers, "an integer >= 1")
         _check(self.pruner_startup_trials >= 0, "sweep.pruner_startup_trials",
                self.pruner_startup_trials, "an integer >= 0")
+        _check(self.pruner_warmup_epochs >= 0, "sweep.pruner_warmup_epochs",
+               self.pruner_warmup_epochs, "an integer >= 0")
         _check(self.heartbeat_s >= 1, "sweep.heartbeat_s", self.heartbeat_s, "an integer >= 1")
         _check("://" in self.storage, "sweep.storage", self.storage,
                "an Optuna storage URL such as sqlite:///sweeps/optuna.db")

@@ -60,9 +60,8 @@ def open_study(cfg: Config) -> optuna.Study:
     storage = optuna.storages.RDBStorage(
         storage_url(sweep.storage), heartbeat_interval=sweep.heartbeat_s,
         grace_period=3 * sweep.heartbeat_s, heartbeat_stale_trial_callback=_kill_child_run)
-    # n_warmup_steps=1: the first epoch says little about where a VAE ends up.
     pruner = optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials,
-                                         n_warmup_steps=1) \
+                                         n_warmup_steps=sweep.pruner_warmup_epochs) \
         if sweep.pruner == "median" else optuna.pruners.NopPruner()
     study = optuna.create_study(study_name=sweep.study_name, storage=storage, direction="minimize",
                                 pruner=pruner, sampler=optuna.samplers.TPESampler(seed=sweep.seed),
@@ -153,6 +152,7 @@ def run_sweep(cfg: Config) -> optuna.Study:
         study.set_user_attr(PARENT_RUN_ATTR, parent_run_id)
         mlflow.log_params({k: v for k, v in cfg.flat().items() if k.startswith("sweep.")},
                           run_id=parent_run_id)  # a resumed study may change n_trials: first call's
+        _enqueue_baseline(study, cfg)
     workers = cfg.sweep.workers
     shares = [cfg.sweep.n_trials // workers + (i < cfg.sweep.n_trials % workers) for i in range(workers)]
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -170,6 +170,16 @@ def run_sweep(cfg: Config) -> optuna.Study:
         study = open_study(cfg)
         summarise(study, cfg)
     return study
+
+
+def _enqueue_baseline(study: optuna.Study, cfg: Config) -> None:
+    """Trial 0 of a new study is params.yaml's own model, so every study measures its gain."""
+    model, sweep = cfg.model, cfg.sweep
+    if (sweep.latent_dim[0] <= model.latent_dim <= sweep.latent_dim[1]
+            and sweep.kl_weight[0] <= model.kl_weight <= sweep.kl_weight[1]
+            and model.hidden_dims in sweep.hidden_dims):
+        study.enqueue_trial({"latent_dim": model.latent_dim, "kl_weight": model.kl_weight,
+                             "hidden_dims": json.dumps(list(model.hidden_dims))})
 
 
 def best_params(study: optuna.Study, cfg: Config) -> dict:
