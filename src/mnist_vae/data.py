@@ -1,8 +1,8 @@
 """MNIST-format data: getting it onto disk as IDX files, verifying it, and feeding it to Lightning.
 
 Training reads whole uint8 tensors into memory and serves shuffled batches by index, converted to
-float per batch: a per-sample PIL/ToTensor pipeline runs at about a quarter of the model's speed on
-a 2-core CPU (benchmarks/train_throughput.py).
+float per batch: the tutorial's per-sample PIL/ToTensor DataLoader halves training speed on a 2-core
+CPU (benchmarks/train_throughput.py).
 """
 
 from __future__ import annotations
