@@ -91,10 +91,12 @@ def fit(cfg: Config, data: VaeDataModule, run_id: str | None = None, *,
     warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory batches need none
     warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")  # Lightning's, not ours
 
-    checkpoint = ModelCheckpoint(dirpath=work_dir, filename="best", monitor="val_neg_elbo",
-                                 mode="min", save_last=True, enable_version_counter=False)
+    best = ModelCheckpoint(dirpath=work_dir, filename="best", monitor="val_neg_elbo", mode="min",
+                           enable_version_counter=False)
+    # Not save_last=True: Lightning 2.6 writes that copy only in epochs that improve the best.
+    last = ModelCheckpoint(dirpath=work_dir, filename="last", enable_version_counter=False)
     history = History(history_file)
-    all_callbacks: list[L.Callback] = [checkpoint, history]
+    all_callbacks: list[L.Callback] = [best, last, history]
     if run_id is not None:
         all_callbacks.append(EpochMetricsLogger(run_id))
     if enable_progress_bar:
@@ -104,14 +106,13 @@ def fit(cfg: Config, data: VaeDataModule, run_id: str | None = None, *,
                         devices=1, logger=False, callbacks=all_callbacks,
                         enable_progress_bar=enable_progress_bar, enable_model_summary=enable_progress_bar)
     trainer.fit(LitVAE.from_config(cfg.model, cfg.train), datamodule=data, ckpt_path=resume_from)
-    best = Path(checkpoint.best_model_path)
-    if models_dir is not None:
-        models_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("best.ckpt", "last.ckpt"):
-            shutil.copyfile(work_dir / name, models_dir / f".{name}.tmp")
-            os.replace(models_dir / f".{name}.tmp", models_dir / name)
-        best = models_dir / "best.ckpt"
-    return FitResult(best, history.rows)
+    if models_dir is None:
+        return FitResult(Path(best.best_model_path), history.rows)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("best.ckpt", "last.ckpt"):
+        shutil.copyfile(work_dir / name, models_dir / f".{name}.tmp")
+        os.replace(models_dir / f".{name}.tmp", models_dir / name)
+    return FitResult(models_dir / "best.ckpt", history.rows)
 
 
 # ---------------------------------------------------------------------------------------------
