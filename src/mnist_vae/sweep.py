@@ -150,8 +150,10 @@ def run_sweep(cfg: Config) -> optuna.Study:
             tags={"optuna.study": study.study_name})
         parent_run_id = parent.info.run_id
         study.set_user_attr(PARENT_RUN_ATTR, parent_run_id)
+        # The first invocation's settings: MLflow params are immutable, and a resumed study may
+        # be run with another n_trials.
         mlflow.log_params({k: v for k, v in cfg.flat().items() if k.startswith("sweep.")},
-                          run_id=parent_run_id)  # a resumed study may change n_trials: first call's
+                          run_id=parent_run_id)
         _enqueue_baseline(study, cfg)
     workers = cfg.sweep.workers
     shares = [cfg.sweep.n_trials // workers + (i < cfg.sweep.n_trials % workers) for i in range(workers)]
