@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mnist_vae.config import DataConfig
-from mnist_vae.data import (FILES, DataError, ShuffledBatches, download, idx_bytes, load_split,
-                            read_idx)
+from mnist_vae.data import (FILES, DataError, ShuffledBatches, binarize, download, idx_bytes,
+                            load_split, read_idx)
 
 
 def test_idx_round_trip_gz_and_raw(tmp_path):
@@ -68,3 +68,16 @@ def test_batches_cover_every_image_once_per_epoch():
     batches = list(ShuffledBatches(10, 4, shuffle=True))
     assert [len(b) for b in batches] == [4, 4, 2]
     assert sorted(torch.cat(batches).tolist()) == list(range(10))
+
+
+def test_binarization_is_seeded_and_changes_pixel_values_only(sample_dir):
+    images, labels = load_split("test", sample_dir)
+    once = binarize(images, torch.Generator().manual_seed(0))
+    assert torch.equal(once, binarize(images, torch.Generator().manual_seed(0)))
+    assert not torch.equal(once, binarize(images, torch.Generator().manual_seed(1)))
+    assert once.shape == images.shape and once.dtype == torch.uint8
+    assert set(once.unique().tolist()) == {0, 255}
+    assert torch.equal(once[images == 0], images[images == 0])  # black stays black, white white
+    assert torch.equal(once[images == 255], images[images == 255])
+    # E[binarized] = grayscale: the mean intensity survives
+    assert once.float().mean().item() == pytest.approx(images.float().mean().item(), rel=0.02)

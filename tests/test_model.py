@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from mnist_vae.config import PipelineError
-from mnist_vae.evaluate import evaluate, load_vae
+from mnist_vae.evaluate import active_units, collapse_warning, evaluate, kl_per_dimension, load_vae
 from mnist_vae.model import VAE, LitVAE, iwae_nll, neg_elbo_terms
 
 
@@ -116,3 +116,18 @@ def test_checkpoint_carrying_code_is_refused_not_run(tmp_path, monkeypatch):
     assert not (tmp_path / "MARKER").exists()
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)
+
+
+def test_a_posterior_ignored_by_the_decoder_has_no_active_units_and_warns():
+    torch.manual_seed(0)
+    vae = VAE([32], latent_dim=3)
+    images = (torch.rand(50, 784) * 255).to(torch.uint8)
+    assert active_units(vae.encode(images.float() / 255)[0] * 100) == 3  # a code that varies
+    with torch.no_grad():  # q(z|x) = N(0, I) whatever x: z carries nothing, the KL is 0
+        for head in (vae.mu, vae.logvar):
+            head.weight.zero_()
+            head.bias.zero_()
+    metrics = evaluate(vae, images, iwae_samples=2)
+    assert metrics["active_units"] == 0 and metrics["test_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert "posterior collapse: 0 active units" in collapse_warning(metrics)
+    torch.testing.assert_close(kl_per_dimension(vae, images), torch.zeros(3))

@@ -8,9 +8,9 @@ import yaml
 
 from .conftest import artifact_paths, metric_steps, mlflow_runs, run
 
-METRIC_KEYS = {"test_neg_elbo", "test_recon", "test_kl", "test_iwae_nll", "n_test"}
+METRIC_KEYS = {"test_neg_elbo", "test_recon", "test_kl", "test_iwae_nll", "n_test", "active_units"}
 FIGURES = {"latent_space.png", "reconstructions.png", "prior_samples.png", "interpolation.png",
-           "latent_grid.png", "training_curves.png"}
+           "latent_grid.png", "kl_per_dimension.png", "training_curves.png"}
 
 
 
@@ -40,11 +40,12 @@ def test_repro_then_noop_then_experiment(project):
     assert "Running stage" not in again.stdout, again.stdout
     assert len(mlflow_runs(project)) == 1
 
-    run(["dvc", "exp", "run", "-S", "model.latent_dim=3"], project)
+    run(["dvc", "exp", "run", "-S", "model.latent_dim=3", "-S", "data.binarize=dynamic"], project)
     runs = mlflow_runs(project)
     assert len(runs) == 2
     variant = next(r for r in runs if r.info.run_id != first.info.run_id)
     assert variant.data.params["model.latent_dim"] == "3" and variant.info.status == "FINISHED"
+    assert variant.data.tags["data.binarize"] == "dynamic"
     assert variant.data.tags.get("dvc.exp_name")
     assert "test_iwae_nll" in run(["dvc", "exp", "show", "--json"], project).stdout
 

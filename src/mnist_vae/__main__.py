@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import PipelineError, cli
-from .data import read_idx
+from .data import binarize, read_idx
 from .evaluate import evaluate, load_vae
 
 
@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--iwae-samples", type=int, default=100, help="k of the IWAE bound (default 100)")
     ev.add_argument("--batch-size", type=int, default=500)
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--binarize", action="store_true",
+                    help="score stochastically binarized images (seeded), as data.binarize: dynamic")
     args = parser.parse_args(argv)
     if args.iwae_samples < 1:
         parser.error(f"--iwae-samples {args.iwae_samples}: expected an integer >= 1")
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
         if images.ndim != 3 or images.shape[1:] != (28, 28):
             raise PipelineError(f"{args.images}: images of shape {images.shape}; expected (N, 28, 28)")
         flat = torch.from_numpy(images.reshape(len(images), -1).copy())
+        if args.binarize:
+            flat = binarize(flat, torch.Generator().manual_seed(args.seed))
         metrics = evaluate(vae, flat, args.iwae_samples, args.batch_size, args.seed)
         print(json.dumps(metrics))
 

@@ -46,6 +46,9 @@ class DataConfig:
     """Share of the training split held out for validation (early selection of best.ckpt)."""
     seed: int = 0
     """Seeds the train/val split and the sample's train/test split."""
+    binarize: Literal["none", "dynamic"] = "none"
+    """none: grayscale targets, as the original tutorial. dynamic: pixels drawn as Bernoulli(p)
+    each time they are seen, the IWAE paper's setting, whose test NLL compares with the literature."""
 
     def __post_init__(self) -> None:
         _check(0 < self.sample_test_fraction < 1, "data.sample_test_fraction",

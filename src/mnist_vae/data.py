@@ -208,6 +208,12 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255)
 
 
+def binarize(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Stochastic binarization (each pixel 255 with probability pixel / 255, else 0), seeded:
+    the binarized-MNIST setting of the IWAE paper. Same shape, dtype and order; labels untouched."""
+    return (torch.rand(images.shape, generator=generator) * 255 < images).to(torch.uint8) * 255
+
+
 class ShuffledBatches(Sampler[torch.Tensor]):
     """Yields whole index tensors, one per batch, so the dataset gathers a batch in one op."""
 
@@ -223,19 +229,23 @@ class ShuffledBatches(Sampler[torch.Tensor]):
 
 
 class TensorBatches(Dataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, binarize: bool = False) -> None:
         self.images, self.labels = images, labels  # (N, 784) uint8, (N,) int64
+        self.binarize = binarize
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return to_float(self.images[index]), self.labels[index]
+        x = to_float(self.images[index])
+        # Dynamic binarization: a fresh draw each time an image is seen (Burda et al. 2016).
+        return (torch.bernoulli(x) if self.binarize else x), self.labels[index]
 
 
-def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool) -> DataLoader:
+def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
+            binarize: bool = False) -> DataLoader:
     # batch_size=None: the sampler already yields batches, so no per-sample collate runs.
-    return DataLoader(TensorBatches(images, labels), batch_size=None,
+    return DataLoader(TensorBatches(images, labels, binarize), batch_size=None,
                       sampler=ShuffledBatches(len(images), batch_size, shuffle))
 
 
@@ -245,7 +255,7 @@ class VaeDataModule(L.LightningDataModule):
     def __init__(self, data: DataConfig, train: TrainConfig, data_dir: Path = DATA_DIR) -> None:
         super().__init__()
         self.data_dir, self.val_fraction, self.seed = data_dir, data.val_fraction, data.seed
-        self.batch_size = train.batch_size
+        self.batch_size, self.binarize = train.batch_size, data.binarize == "dynamic"
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -256,6 +266,9 @@ class VaeDataModule(L.LightningDataModule):
         n_val = round(len(images) * self.val_fraction)
         val, train = order[:n_val], order[n_val:]
         self.splits = {"val": (images[val], labels[val]), "train": (images[train], labels[train])}
+        if self.binarize:  # validation binarized once, so epochs compare on the same targets
+            val_images = binarize(images[val], torch.Generator().manual_seed(self.seed))
+            self.splits["val"] = (val_images, labels[val])
 
     def _on_device(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         # On a GPU the whole dataset (47 MB for 60,000 digits) lives on the device: no copy per step.
@@ -266,7 +279,8 @@ class VaeDataModule(L.LightningDataModule):
         return images, labels
 
     def train_dataloader(self) -> DataLoader:
-        return batches(*self._on_device("train"), self.batch_size, shuffle=True)
+        return batches(*self._on_device("train"), self.batch_size, shuffle=True,
+                       binarize=self.binarize)
 
     def val_dataloader(self) -> DataLoader:
         return batches(*self._on_device("val"), self.batch_size, shuffle=False)

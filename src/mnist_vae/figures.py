@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .config import FiguresConfig
 from .data import to_float
+from .evaluate import ACTIVE_UNIT_THRESHOLD, kl_per_dimension
 from .files import atomic_path
 from .model import VAE
 
@@ -90,6 +91,16 @@ def latent_grid(images: Tensor, grid_size: int, latent_dim: int, path: Path) -> 
     return _save(fig, path)
 
 
+def kl_per_dimension_plot(kl: Tensor, active: Tensor, path: Path) -> Path:
+    """kl: (latent_dim,) nats; active: (latent_dim,) bool, the active units."""
+    fig, ax = plt.subplots(figsize=(max(5, 0.4 * len(kl) + 2), 4))
+    ax.bar(range(len(kl)), kl, color=["tab:blue" if a else "tab:gray" for a in active])
+    ax.set(title=f"KL per latent dimension on test images ({int(active.sum())} of {len(kl)} active)",
+           xlabel="latent dimension", ylabel="KL(q(z_d|x) || N(0, 1)), nats",
+           xticks=range(len(kl)))
+    return _save(fig, path)
+
+
 def training_curves(history: list[dict[str, float]], path: Path) -> Path:
     epochs = [row["epoch"] + 1 for row in history]
     fig, (loss_ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4))
@@ -110,7 +121,7 @@ def draw_all(vae: VAE, images: Tensor, labels: Tensor, history: list[dict[str, f
     """All figures from test images ((N, 784) uint8) and the training history."""
     gen = torch.Generator().manual_seed(cfg.seed)
     x = to_float(images)
-    mu, _ = vae.encode(x)
+    mu, logvar = vae.encode(x)
     pick = torch.randperm(len(x), generator=gen)
     shown = x[pick[:cfg.n_reconstructions]]
     ends = mu[pick[-2:]]
@@ -134,6 +145,8 @@ def draw_all(vae: VAE, images: Tensor, labels: Tensor, history: list[dict[str, f
         prior_samples(decode(z_prior), out_dir / "prior_samples.png"),
         interpolation(decode(z_interpolated), out_dir / "interpolation.png"),
         latent_grid(decode(z_grid), cfg.grid_size, vae.latent_dim, out_dir / "latent_grid.png"),
+        kl_per_dimension_plot(kl_per_dimension(vae, images), mu.var(0) > ACTIVE_UNIT_THRESHOLD,
+                              out_dir / "kl_per_dimension.png"),
         training_curves(history, out_dir / "training_curves.png"),
     ]
 

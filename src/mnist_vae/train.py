@@ -121,7 +121,7 @@ def fit(cfg: Config, data: VaeDataModule, run_id: str | None = None, *,
 def fingerprint(cfg: Config, source: dict) -> str:
     """What a training depends on: a resume is only right if none of it changed."""
     params = {k: v for k, v in cfg.flat().items()
-              if k.startswith(("model.", "train.")) or k in ("data.val_fraction", "data.seed")}
+              if k.startswith(("model.", "train.")) or k in ("data.val_fraction", "data.seed", "data.binarize")}
     blob = json.dumps([params, source["sha256_decompressed"]], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
