@@ -10,7 +10,7 @@ import subprocess
 
 import yaml
 
-from mnist_vae.config import PARAMS_FILE, SweepConfig, cli, load_config
+from mnist_vae.config import PARAMS_FILE, ConfigError, SweepConfig, cli, load_config
 from mnist_vae.data import DATA_DIR, SOURCE_FILE
 from mnist_vae.sweep import run_sweep
 
@@ -27,6 +27,9 @@ def parse_overrides(argv: list[str] | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = load_config(PARAMS_FILE, overrides=parse_overrides(argv))
+    if cfg.model.kind != "vae":
+        raise ConfigError("params.yaml: model.kind = 'ae'; the sweep tunes a VAE (its kl_weight and "
+                          "ELBO), set model.kind: vae")
     if not (DATA_DIR / SOURCE_FILE).exists():
         subprocess.run(["dvc", "repro", "download"], check=True)
     run_sweep(cfg)

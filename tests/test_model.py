@@ -131,3 +131,26 @@ def test_a_posterior_ignored_by_the_decoder_has_no_active_units_and_warns():
     assert metrics["active_units"] == 0 and metrics["test_kl"] == pytest.approx(0.0, abs=1e-6)
     assert "posterior collapse: 0 active units" in collapse_warning(metrics)
     torch.testing.assert_close(kl_per_dimension(vae, images), torch.zeros(3))
+
+
+def test_frechet_distance_is_zero_for_a_set_with_itself_and_grows_with_a_shift():
+    from mnist_vae.quality import frechet_distance
+
+    features = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
+    assert frechet_distance(features, features) == pytest.approx(0.0, abs=1e-6)
+    shifted = [frechet_distance(features, features + shift) for shift in (0.5, 1.0, 2.0)]
+    assert shifted == pytest.approx([8 * 0.25, 8 * 1.0, 8 * 4.0], rel=1e-6)  # |shift|^2 over 8 dims
+
+
+def test_the_autoencoder_has_no_elbo_to_report():
+    ae = VAE([16], latent_dim=2, variational=False)
+    assert ae.logvar is None
+    metrics = evaluate(ae, (torch.rand(20, 784) * 255).to(torch.uint8), iwae_samples=5)
+    assert set(metrics) == {"test_recon", "n_test"}  # absent, not faked
+    module = LitVAE(hidden_dims=[16], latent_dim=2, kl_weight=1.0, lr=1e-3, weight_decay=0.1,
+                    t_max=10, kind="ae")
+    trainer = L.Trainer(fast_dev_run=True, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, synthetic_batches(), synthetic_batches())
+    assert {"train_loss", "val_loss", "val_recon"} <= set(trainer.callback_metrics)
+    assert "val_neg_elbo" not in trainer.callback_metrics and "val_kl" not in trainer.callback_metrics

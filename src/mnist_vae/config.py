@@ -66,6 +66,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    kind: Literal["vae", "ae"] = "vae"
+    """ae: the same MLPs as a plain autoencoder (z = mu, reconstruction loss only), the baseline
+    that shows what the variational part buys: sampling from the prior, smooth interpolation."""
     hidden_dims: tuple[int, ...] = (256, 128)
     """Widths of the encoder's hidden layers; the decoder mirrors them."""
     latent_dim: int = 2
@@ -103,9 +106,29 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ClassifierConfig:
+    """The MLP that judges samples and reconstructions (its own DVC stage, cached)."""
+
+    hidden_dims: tuple[int, ...] = (256,)
+    max_epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(len(self.hidden_dims) > 0 and min(self.hidden_dims) >= 1, "classifier.hidden_dims",
+               list(self.hidden_dims), "a non-empty list of positive layer widths such as [256]")
+        _check(self.max_epochs >= 1, "classifier.max_epochs", self.max_epochs, "an integer >= 1")
+        _check(self.batch_size >= 1, "classifier.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.lr > 0, "classifier.lr", self.lr, "a positive learning rate such as 0.001")
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     iwae_samples: int = 100
     """k of the importance-weighted bound (Burda et al. 2016); 1 gives back the ELBO."""
+    n_samples: int = 10_000
+    """Prior samples judged by the classifier (sample_fd, sample_confidence)."""
     batch_size: int = 500
     """Test images per evaluation batch; the k samples are further chunked to bound memory."""
     seed: int = 0
@@ -113,6 +136,7 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         _check(self.iwae_samples >= 1, "evaluate.iwae_samples", self.iwae_samples, "an integer >= 1")
+        _check(self.n_samples >= 2, "evaluate.n_samples", self.n_samples, "an integer >= 2")
         _check(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "an integer >= 1")
 
 
@@ -191,6 +215,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     figures: FiguresConfig = field(default_factory=FiguresConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)

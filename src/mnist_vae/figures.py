@@ -105,11 +105,13 @@ def training_curves(history: list[dict[str, float]], path: Path) -> Path:
     epochs = [row["epoch"] + 1 for row in history]
     fig, (loss_ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for key in ("train_loss", "val_loss", "val_neg_elbo"):
-        loss_ax.plot(epochs, [row[key] for row in history], label=key)
+        if key in history[0]:  # the AE has no val_neg_elbo
+            loss_ax.plot(epochs, [row[key] for row in history], label=key)
     loss_ax.set(title="Loss per image", xlabel="epoch", ylabel="nats")
     loss_ax.legend()
     for key in ("val_recon", "val_kl"):
-        kl_ax.plot(epochs, [row[key] for row in history], label=key)
+        if key in history[0]:
+            kl_ax.plot(epochs, [row[key] for row in history], label=key)
     kl_ax.set(title="-ELBO terms on validation", xlabel="epoch", ylabel="nats", yscale="log")
     kl_ax.legend()
     return _save(fig, path)
@@ -121,7 +123,7 @@ def draw_all(vae: VAE, images: Tensor, labels: Tensor, history: list[dict[str, f
     """All figures from test images ((N, 784) uint8) and the training history."""
     gen = torch.Generator().manual_seed(cfg.seed)
     x = to_float(images)
-    mu, logvar = vae.encode(x)
+    mu, _ = vae.encode(x)
     pick = torch.randperm(len(x), generator=gen)
     shown = x[pick[:cfg.n_reconstructions]]
     ends = mu[pick[-2:]]
@@ -139,16 +141,19 @@ def draw_all(vae: VAE, images: Tensor, labels: Tensor, history: list[dict[str, f
         return torch.sigmoid(vae.decode(z))
 
     out_dir = Path(out_dir)
-    return [
+    paths = [
         latent_space(mu, labels, CLASS_NAMES[dataset], out_dir / "latent_space.png"),
         reconstructions(shown, decode(vae.encode(shown)[0]), out_dir / "reconstructions.png"),
         prior_samples(decode(z_prior), out_dir / "prior_samples.png"),
         interpolation(decode(z_interpolated), out_dir / "interpolation.png"),
         latent_grid(decode(z_grid), cfg.grid_size, vae.latent_dim, out_dir / "latent_grid.png"),
-        kl_per_dimension_plot(kl_per_dimension(vae, images), mu.var(0) > ACTIVE_UNIT_THRESHOLD,
-                              out_dir / "kl_per_dimension.png"),
         training_curves(history, out_dir / "training_curves.png"),
     ]
+    if vae.variational:
+        paths.append(kl_per_dimension_plot(kl_per_dimension(vae, images),
+                                           mu.var(0) > ACTIVE_UNIT_THRESHOLD,
+                                           out_dir / "kl_per_dimension.png"))
+    return paths
 
 
 def study_plots(study, out_dir: Path) -> list[Path]:

@@ -30,17 +30,19 @@ def mlp(widths: Sequence[int]) -> nn.Sequential:
 
 
 class VAE(nn.Module):
-    def __init__(self, hidden_dims: Sequence[int], latent_dim: int) -> None:
+    """variational=False is the plain autoencoder baseline: the same MLPs, z = mu, no logvar."""
+
+    def __init__(self, hidden_dims: Sequence[int], latent_dim: int, variational: bool = True) -> None:
         super().__init__()
-        self.latent_dim = latent_dim
+        self.latent_dim, self.variational = latent_dim, variational
         self.encoder = nn.Sequential(mlp([IMAGE_PIXELS, *hidden_dims]), nn.ReLU())
         self.mu = nn.Linear(hidden_dims[-1], latent_dim)
-        self.logvar = nn.Linear(hidden_dims[-1], latent_dim)
+        self.logvar = nn.Linear(hidden_dims[-1], latent_dim) if variational else None
         self.decoder = mlp([latent_dim, *reversed(hidden_dims), IMAGE_PIXELS])
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         h = self.encoder(x)
-        return self.mu(h), self.logvar(h)  # (batch, latent_dim) each
+        return self.mu(h), self.logvar(h) if self.variational else None  # (batch, latent_dim)
 
     def reparameterize(self, mu: Tensor, logvar: Tensor) -> Tensor:
         # z = mu + sigma * eps keeps z differentiable in mu and sigma.
@@ -49,9 +51,10 @@ class VAE(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         return self.decoder(z)  # (..., 784) Bernoulli logits
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         mu, logvar = self.encode(x)
-        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+        z = self.reparameterize(mu, logvar) if self.variational else mu
+        return self.decode(z), mu, logvar
 
 
 def bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
@@ -105,10 +108,12 @@ class LitVAE(L.LightningModule):
     checkpoints load with `torch.load(weights_only=True)`."""
 
     def __init__(self, hidden_dims: list[int], latent_dim: int, kl_weight: float,
-                 lr: float, weight_decay: float, t_max: int) -> None:
+                 lr: float, weight_decay: float, t_max: int, kind: str = "vae") -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.vae = VAE(hidden_dims, latent_dim)
+        self.vae = VAE(hidden_dims, latent_dim, variational=kind == "vae")
+        # The checkpoint to keep: the AE has no ELBO, only its reconstruction.
+        self.monitor = "val_neg_elbo" if kind == "vae" else "val_recon"
         # Per-epoch running sums of [recon, kl, images]: logging each step costs ~10% of a step.
         self._sums: dict[str, Tensor] = {}
 
@@ -116,12 +121,16 @@ class LitVAE(L.LightningModule):
     def from_config(cls, model: ModelConfig, train: TrainConfig) -> LitVAE:
         return cls(hidden_dims=list(model.hidden_dims), latent_dim=model.latent_dim,
                    kl_weight=model.kl_weight, lr=train.lr, weight_decay=train.weight_decay,
-                   t_max=train.t_max)
+                   t_max=train.t_max, kind=model.kind)
 
     def _common_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, _ = batch  # (batch, 784) floats in [0, 1]
         logits, mu, logvar = self.vae(x)
-        recon, kl = neg_elbo_terms(logits, x, mu, logvar)
+        if self.vae.variational:
+            recon, kl = neg_elbo_terms(logits, x, mu, logvar)
+        else:
+            recon = bernoulli_nll(logits, x)
+            kl = torch.zeros_like(recon)
         with torch.no_grad():
             step_sums = torch.stack([recon.sum(), kl.sum(), recon.new_tensor(len(x))])
             self._sums[stage] = self._sums.get(stage, 0) + step_sums
@@ -154,10 +163,12 @@ class LitVAE(L.LightningModule):
             recon, kl, n = self._sums["train"]
             metrics["train_loss"] = (recon + beta * kl) / n
         recon, kl, n = self._sums["val"]
-        # val_neg_elbo is beta-free: runs with different kl_weight compare on it fairly.
-        metrics.update(val_loss=(recon + beta * kl) / n, val_recon=recon / n, val_kl=kl / n)
+        metrics.update(val_loss=(recon + beta * kl) / n, val_recon=recon / n)
+        if self.vae.variational:
+            # val_neg_elbo is beta-free: runs with different kl_weight compare on it fairly.
+            metrics.update(val_kl=kl / n, val_neg_elbo=(recon + kl) / n)
+        self.log(self.monitor, metrics.pop(self.monitor), prog_bar=True)
         self.log_dict(metrics)
-        self.log("val_neg_elbo", (recon + kl) / n, prog_bar=True)
 
     def configure_optimizers(self):
         # fused: one kernel for all parameters, 1.13x faster steps on CPU than the default loop.

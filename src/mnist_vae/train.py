@@ -41,13 +41,14 @@ RESUME_FILE = "resume.json"
 class FitResult:
     best_checkpoint: Path
     history: list[dict[str, float]]  # one row per epoch: epoch, train_loss, val_* metrics
+    monitor: str = "val_neg_elbo"  # what "best" means: val_recon for the AE
 
     @property
     def best(self) -> dict[str, float]:
-        return min(self.history, key=lambda row: row["val_neg_elbo"])
+        return min(self.history, key=lambda row: row[self.monitor])
 
     def summary(self) -> dict[str, float]:
-        return {"best_val_neg_elbo": self.best["val_neg_elbo"], "best_epoch": self.best["epoch"],
+        return {f"best_{self.monitor}": self.best[self.monitor], "best_epoch": self.best["epoch"],
                 "epochs": len(self.history)}
 
 
@@ -81,7 +82,8 @@ def fit(cfg: Config, data: VaeDataModule, run_id: str | None = None, *,
         work_dir: Path = WORK_DIR, models_dir: Path | None = MODELS_DIR,
         history_file: Path | None = HISTORY_FILE, resume_from: Path | None = None,
         callbacks: Sequence[L.Callback] = (), enable_progress_bar: bool = True) -> FitResult:
-    """Train a VAE as cfg says, checkpointing best (lowest val_neg_elbo) and last epochs in
+    """Train a VAE (or the AE) as cfg says, checkpointing best (lowest val_neg_elbo, val_recon for
+    the AE) and last epochs in
     work_dir, then moving them to models_dir; log each epoch to the MLflow run `run_id` if given.
     `resume_from`: a last.ckpt of an interrupted fit of the same config and data."""
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
@@ -90,8 +92,10 @@ def fit(cfg: Config, data: VaeDataModule, run_id: str | None = None, *,
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory batches need none
     warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")  # Lightning's, not ours
+    warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")  # resume.json
 
-    best = ModelCheckpoint(dirpath=work_dir, filename="best", monitor="val_neg_elbo", mode="min",
+    module = LitVAE.from_config(cfg.model, cfg.train)
+    best = ModelCheckpoint(dirpath=work_dir, filename="best", monitor=module.monitor, mode="min",
                            enable_version_counter=False)
     # Not save_last=True: Lightning 2.6 writes that copy only in epochs that improve the best.
     last = ModelCheckpoint(dirpath=work_dir, filename="last", enable_version_counter=False)
@@ -105,14 +109,14 @@ def fit(cfg: Config, data: VaeDataModule, run_id: str | None = None, *,
     trainer = L.Trainer(max_epochs=cfg.train.max_epochs, accelerator=cfg.train.accelerator,
                         devices=1, logger=False, callbacks=all_callbacks,
                         enable_progress_bar=enable_progress_bar, enable_model_summary=enable_progress_bar)
-    trainer.fit(LitVAE.from_config(cfg.model, cfg.train), datamodule=data, ckpt_path=resume_from)
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     if models_dir is None:
-        return FitResult(Path(best.best_model_path), history.rows)
+        return FitResult(Path(best.best_model_path), history.rows, module.monitor)
     models_dir.mkdir(parents=True, exist_ok=True)
     for name in ("best.ckpt", "last.ckpt"):
         shutil.copyfile(work_dir / name, models_dir / f".{name}.tmp")
         os.replace(models_dir / f".{name}.tmp", models_dir / name)
-    return FitResult(models_dir / "best.ckpt", history.rows)
+    return FitResult(models_dir / "best.ckpt", history.rows, module.monitor)
 
 
 # ---------------------------------------------------------------------------------------------
