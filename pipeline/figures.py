@@ -1,6 +1,7 @@
 """DVC stage `figures`: the tutorial's figures and training curves under figures/, logged to MLflow."""
 
 import csv
+from pathlib import Path
 
 import mlflow
 
@@ -16,11 +17,12 @@ def main() -> None:
     cfg = load_config()
     images, labels = load_split("test")
     vae = load_vae(MODELS_DIR / "best.ckpt")
+    counterpart = load_vae(Path("counterpart/best.ckpt"))
     with HISTORY_FILE.open() as f:
         history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     with tracking.continue_run():
         for path in draw_all(vae, images, labels, history, read_source()["dataset"], cfg.figures,
-                             FIGURES_DIR):
+                             FIGURES_DIR, counterpart):
             mlflow.log_artifact(str(path), "figures")
 
 

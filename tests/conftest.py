@@ -68,6 +68,11 @@ def mlflow_runs(project: Path) -> list[mlflow.entities.Run]:
     return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
+def pipeline_runs(project: Path) -> list[mlflow.entities.Run]:
+    """One per pipeline execution: without the counterpart and sweep-trial child runs."""
+    return [run for run in mlflow_runs(project) if "mlflow.parentRunId" not in run.data.tags]
+
+
 def metric_steps(project: Path, run_id: str, key: str) -> list[int]:
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
     return sorted(m.step for m in client.get_metric_history(run_id, key))

@@ -6,11 +6,12 @@ import time
 
 import yaml
 
-from .conftest import artifact_paths, metric_steps, mlflow_runs, run
+from .conftest import artifact_paths, metric_steps, mlflow_runs, pipeline_runs, run
 
 METRIC_KEYS = {"test_neg_elbo", "test_recon", "test_kl", "test_iwae_nll", "n_test", "active_units"}
+QUALITY_KEYS = {"sample_fd", "sample_confidence", "recon_accuracy", "latent_probe_accuracy"}
 FIGURES = {"latent_space.png", "reconstructions.png", "prior_samples.png", "interpolation.png",
-           "latent_grid.png", "kl_per_dimension.png", "training_curves.png"}
+           "latent_grid.png", "kl_per_dimension.png", "training_curves.png", "vae_vs_ae.png"}
 
 
 
@@ -18,14 +19,17 @@ def test_repro_then_noop_then_experiment(project):
     run(["dvc", "repro"], project)
 
     metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
-    assert METRIC_KEYS <= set(metrics) and metrics["n_test"] == 500
+    assert METRIC_KEYS | QUALITY_KEYS <= set(metrics) and metrics["n_test"] == 500
     assert metrics["test_iwae_nll"] < metrics["test_neg_elbo"]
     assert {p.name for p in (project / "figures").iterdir()} == FIGURES
     shown = run(["dvc", "metrics", "show", "--json"], project).stdout
     assert "test_iwae_nll" in shown
 
-    (first,) = mlflow_runs(project)
+    (first,) = pipeline_runs(project)
     assert first.info.status == "FINISHED"
+    (counterpart,) = [r for r in mlflow_runs(project) if r.info.run_id != first.info.run_id]
+    assert counterpart.data.tags["mlflow.parentRunId"] == first.info.run_id
+    assert counterpart.data.params["model.kind"] == "ae" and counterpart.info.status == "FINISHED"
     assert first.data.params["model.latent_dim"] == "2"
     assert {"test_iwae_nll", "val_neg_elbo", "train_loss"} <= set(first.data.metrics)
     # one value per epoch, step = epoch
@@ -38,10 +42,10 @@ def test_repro_then_noop_then_experiment(project):
     run([sys.executable, "-c", "import compileall; compileall.compile_dir('src', quiet=1)"], project)
     again = run(["dvc", "repro"], project)
     assert "Running stage" not in again.stdout, again.stdout
-    assert len(mlflow_runs(project)) == 1
+    assert len(pipeline_runs(project)) == 1
 
     run(["dvc", "exp", "run", "-S", "model.latent_dim=3", "-S", "data.binarize=dynamic"], project)
-    runs = mlflow_runs(project)
+    runs = pipeline_runs(project)
     assert len(runs) == 2
     variant = next(r for r in runs if r.info.run_id != first.info.run_id)
     assert variant.data.params["model.latent_dim"] == "3" and variant.info.status == "FINISHED"
@@ -59,16 +63,19 @@ def test_repro_then_noop_then_experiment(project):
 def test_queued_experiments_in_parallel_both_land_in_the_projects_store(project):
     """Queued experiments run in copies under .dvc/tmp/exps, two at once on one SQLite store."""
     run(["dvc", "repro", "download"], project)
-    for latent_dim in (3, 4):
-        run(["dvc", "exp", "run", "--queue", "-S", f"model.latent_dim={latent_dim}"], project)
+    for setting in ("model.latent_dim=3", "model.kind=ae"):
+        run(["dvc", "exp", "run", "--queue", "-S", setting], project)
     run(["dvc", "queue", "start", "-j", "2"], project, env_extra={"OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 300
     while (status := run(["dvc", "queue", "status"], project).stdout).count("Success") < 2:
         assert "Failed" not in status and time.monotonic() < deadline, status
         time.sleep(2)
-    runs = mlflow_runs(project)
-    assert sorted(r.data.params["model.latent_dim"] for r in runs) == ["3", "4"]
-    assert all(r.info.status == "FINISHED" and r.data.tags.get("dvc.exp_name") for r in runs)
+    runs = {r.data.params["model.kind"]: r for r in pipeline_runs(project)}
+    assert runs["vae"].data.params["model.latent_dim"] == "3"
+    assert all(r.info.status == "FINISHED" and r.data.tags.get("dvc.exp_name") for r in runs.values())
+    # The AE through the whole pipeline: metrics that make sense for it, none faked.
+    assert QUALITY_KEYS | {"test_recon"} <= set(runs["ae"].data.metrics)
+    assert not {"test_neg_elbo", "test_iwae_nll", "val_neg_elbo"} & set(runs["ae"].data.metrics)
     assert not list((project / ".dvc" / "tmp").glob("exps/*/mlruns"))
 
 

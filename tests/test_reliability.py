@@ -10,7 +10,7 @@ import optuna
 import torch
 import yaml
 
-from .conftest import BIN, metric_steps, mlflow_runs, run, tiny_params
+from .conftest import BIN, metric_steps, mlflow_runs, pipeline_runs, run, tiny_params
 
 
 
@@ -50,9 +50,10 @@ def test_killed_training_resumes_the_same_run(project):
     assert not (project / "models" / "best.ckpt").exists()
 
     run(["dvc", "repro"], project)
-    (only,) = mlflow_runs(project)
+    (only,) = pipeline_runs(project)
     assert only.info.status == "FINISHED"
     assert int(only.data.tags["resumed_from_epoch"]) >= 1
+    assert "RUNNING" not in {r.info.status for r in mlflow_runs(project)}
     assert metric_steps(project, only.info.run_id, "val_neg_elbo") == list(range(6))  # one value per epoch, none twice
     history = (project / "metrics" / "train_history.csv").read_text().splitlines()
     assert len(history) == 1 + 6
@@ -67,7 +68,7 @@ def test_changed_params_start_fresh_instead_of_resuming(project):
     set_params(project, model={"hidden_dims": [256, 128]}, train={"max_epochs": 2, "batch_size": 32})
     result = run([sys.executable, "pipeline/train.py"], project)
     assert "starting fresh" in result.stderr
-    runs = mlflow_runs(project)
+    runs = pipeline_runs(project)
     assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
     assert not any("resumed_from_epoch" in r.data.tags for r in runs)
 
@@ -79,7 +80,7 @@ def test_nan_loss_fails_the_run_and_names_the_fix(project):
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: training loss is nan at epoch ") and "lower train.lr" in last
-    (only,) = mlflow_runs(project)
+    (only,) = pipeline_runs(project)
     assert only.info.status == "FAILED"
 
 

@@ -91,6 +91,23 @@ def latent_grid(images: Tensor, grid_size: int, latent_dim: int, path: Path) -> 
     return _save(fig, path)
 
 
+def vae_vs_ae(models: dict[str, VAE], ends: Tensor, z_prior: Tensor, path: Path) -> Path:
+    """The tutorial's argument in one picture: the same prior samples z ~ N(0, I) and the same two
+    test digits' interpolation through each model. ends: (2, 784) images; z_prior: (n, latent)."""
+    steps = torch.linspace(0, 1, len(z_prior))[:, None]
+    rows, labels = [], []
+    for name, model in models.items():
+        rows.append(torch.sigmoid(model.decode(z_prior)))
+        labels.append(f"{name} samples")
+    for name, model in models.items():
+        start, end = model.encode(ends)[0]
+        rows.append(torch.sigmoid(model.decode(start * (1 - steps) + end * steps)))
+        labels.append(f"{name} interpolation")
+    fig = _image_grid(torch.cat(rows), len(rows), len(z_prior),
+                      "VAE vs plain autoencoder: prior samples and interpolations", labels)
+    return _save(fig, path)
+
+
 def kl_per_dimension_plot(kl: Tensor, active: Tensor, path: Path) -> Path:
     """kl: (latent_dim,) nats; active: (latent_dim,) bool, the active units."""
     fig, ax = plt.subplots(figsize=(max(5, 0.4 * len(kl) + 2), 4))
@@ -119,8 +136,10 @@ def training_curves(history: list[dict[str, float]], path: Path) -> Path:
 
 @torch.inference_mode()
 def draw_all(vae: VAE, images: Tensor, labels: Tensor, history: list[dict[str, float]],
-             dataset: str, cfg: FiguresConfig, out_dir: Path = FIGURES_DIR) -> list[Path]:
-    """All figures from test images ((N, 784) uint8) and the training history."""
+             dataset: str, cfg: FiguresConfig, out_dir: Path = FIGURES_DIR,
+             counterpart: VAE | None = None) -> list[Path]:
+    """All figures from test images ((N, 784) uint8) and the training history; with the same
+    MLPs trained as the other kind (AE for a VAE, VAE for an AE), the two side by side."""
     gen = torch.Generator().manual_seed(cfg.seed)
     x = to_float(images)
     mu, _ = vae.encode(x)
@@ -149,6 +168,10 @@ def draw_all(vae: VAE, images: Tensor, labels: Tensor, history: list[dict[str, f
         latent_grid(decode(z_grid), cfg.grid_size, vae.latent_dim, out_dir / "latent_grid.png"),
         training_curves(history, out_dir / "training_curves.png"),
     ]
+    if counterpart is not None:
+        models = {"VAE": vae, "AE": counterpart} if vae.variational else {"VAE": counterpart, "AE": vae}
+        paths.append(vae_vs_ae(models, x[pick[-2:]], z_prior[:cfg.interpolation_steps],
+                               out_dir / "vae_vs_ae.png"))
     if vae.variational:
         paths.append(kl_per_dimension_plot(kl_per_dimension(vae, images),
                                            mu.var(0) > ACTIVE_UNIT_THRESHOLD,
