@@ -310,11 +310,16 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{key} = {value!r}; expected {expected}")
 
 
+def configure_logging() -> None:
+    """Our INFO lines and everyone's warnings on stderr, as bare messages."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("mnist_vae").setLevel(logging.INFO)
+
+
 @contextmanager
 def cli() -> Iterator[None]:
     """Run as a command: log INFO lines to stderr, and show a PipelineError as one line, exit 2."""
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("mnist_vae").setLevel(logging.INFO)
+    configure_logging()
     try:
         yield
     except PipelineError as err:

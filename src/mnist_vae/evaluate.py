@@ -56,10 +56,14 @@ def evaluate(vae: VAE, images: Tensor, iwae_samples: int, batch_size: int = 500,
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016, section 5.2
 
 
+def active_dims(mu: Tensor) -> Tensor:
+    """(latent_dim,) bool: the dimensions whose posterior mean varies with x, Cov_x(E_q[z_d]) >
+    0.01, given the means mu (N, latent_dim). The others carry no information about the image."""
+    return mu.var(0) > ACTIVE_UNIT_THRESHOLD
+
+
 def active_units(mu: Tensor) -> int:
-    """Latent dimensions whose posterior mean varies with x: Cov_x(E_q[z_d]) > 0.01.
-    The others carry no information about the image."""
-    return int((mu.var(0) > ACTIVE_UNIT_THRESHOLD).sum())
+    return int(active_dims(mu).sum())
 
 
 @torch.inference_mode()

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .config import FiguresConfig
 from .data import to_float
-from .evaluate import ACTIVE_UNIT_THRESHOLD, kl_per_dimension
+from .evaluate import active_dims, kl_per_dimension
 from .files import atomic_path
 from .model import VAE
 
@@ -173,8 +173,7 @@ def draw_all(vae: VAE, images: Tensor, labels: Tensor, history: list[dict[str, f
         paths.append(vae_vs_ae(models, x[pick[-2:]], z_prior[:cfg.interpolation_steps],
                                out_dir / "vae_vs_ae.png"))
     if vae.variational:
-        paths.append(kl_per_dimension_plot(kl_per_dimension(vae, images),
-                                           mu.var(0) > ACTIVE_UNIT_THRESHOLD,
+        paths.append(kl_per_dimension_plot(kl_per_dimension(vae, images), active_dims(mu),
                                            out_dir / "kl_per_dimension.png"))
     return paths
 

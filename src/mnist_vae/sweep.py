@@ -25,7 +25,7 @@ import yaml
 from optuna_integration import PyTorchLightningPruningCallback
 
 from . import tracking
-from .config import Config
+from .config import Config, configure_logging
 from .data import VaeDataModule
 from .files import write_bytes
 from .model import NonFiniteLossError
@@ -129,8 +129,7 @@ def _report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
 
 def _worker(cfg: Config, n_trials: int, parent_run_id: str, threads: int) -> None:
     torch.set_num_threads(threads)  # torch takes every core per process; workers split them
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("mnist_vae").setLevel(logging.INFO)
+    configure_logging()  # a spawned worker starts with none
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one line per trial is ours
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(cfg)
