@@ -27,7 +27,6 @@ slows the small training ops far more than evaluate's large ones (an epoch took 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
@@ -36,7 +35,9 @@ import torch
 from torch import Tensor
 
 from cpu_noise import cpu_snapshot, others_cpu_share
-from mnist_vae.data import FILES, SYSTEM_DIRS, read_idx, to_float
+from mnist_vae.cli import set_up_process
+from mnist_vae.data import to_float
+from mnist_vae.download import FILES, SYSTEM_DIRS, read_idx
 from mnist_vae.evaluate import evaluate
 from mnist_vae.model import VAE, iwae_nll, neg_elbo_terms
 
@@ -78,7 +79,7 @@ def profile_iwae(vae: VAE, test: Tensor, k: int) -> None:
         print(f"\niwae_nll(k={k}) on one batch of 500 images, by self CPU time:")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
         # Round-robin, so a busy spell does not favour one chunk size; the minimum is the cost.
-        chunks = {2**25: [], 2**22: [], 2**20: []}  # 2**25 is iwae_nll's default
+        chunks = {2**25: [], 2**22: [], 2**20: []}  # 2**20 is iwae_nll's default
         for _ in range(3):
             for max_elements, times in chunks.items():
                 start = time.perf_counter()
@@ -98,8 +99,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile iwae_nll even if within the goal")
     parser.add_argument("--synthetic", action="store_true", help="random images even if Fashion-MNIST is here")
     args = parser.parse_args()
-    # `import lightning` (via mnist_vae) sets this; fit() pops it: train as the train stage does.
-    os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+    set_up_process()  # as the stages' commands do
 
     train, test, source = load_images(args.synthetic)
     torch.manual_seed(0)

@@ -44,10 +44,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from cpu_noise import cpu_snapshot, others_cpu_share
 from mnist_vae import tracking
+from mnist_vae.cli import set_up_process
 from mnist_vae.config import Config, DataConfig, ModelConfig, TrainConfig
-from mnist_vae.data import FILES, SYSTEM_DIRS, VaeDataModule, download, idx_bytes
+from mnist_vae.download import FILES, SYSTEM_DIRS, download, idx_bytes
 from mnist_vae.files import write_bytes
-from mnist_vae.model import LitVAE
+from mnist_vae.lit import LitVAE, VaeDataModule
 from mnist_vae.train import fit
 
 BATCH_SIZE, LR, WEIGHT_DECAY = 128, 1e-3, 0.1
@@ -187,8 +188,7 @@ def peak_rss_mib(reset: bool = False) -> float:
 
 
 def measure(args: argparse.Namespace, tmp: Path, imports_rss_mib: float) -> list[str]:
-    """The report's lines. Runs with tmp as the cwd: fit()'s relative defaults (checkpoints/, ...)
-    land there, not in the checkout."""
+    """The report's lines; every file lands in tmp."""
     data_cfg, data_desc = write_data(tmp, args.synthetic)
     cfg = replace(Config(), data=data_cfg, model=ModelConfig(hidden_dims=(256, 128), latent_dim=2),
                   train=replace(TrainConfig(), max_epochs=args.epochs, batch_size=BATCH_SIZE, lr=LR,
@@ -213,7 +213,7 @@ def measure(args: argparse.Namespace, tmp: Path, imports_rss_mib: float) -> list
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     mlflow.create_experiment(tracking.EXPERIMENT, artifact_location=(tmp / "artifacts").as_uri())
     paired = Paired(BareLoop(train, val, seed=1))
-    with tracking.pipeline_run(cfg, run_file=tmp / "mlflow_run.json") as run:
+    with tracking.pipeline_run(cfg) as run:
         result = fit(cfg, data, run.info.run_id, work_dir=tmp / "checkpoints", models_dir=tmp / "models",
                      history_file=tmp / "train_history.csv", callbacks=[paired])
     rss_mib = peak_rss_mib()
@@ -240,15 +240,9 @@ def main() -> None:
     parser.add_argument("--synthetic", action="store_true", help="random images even if Fashion-MNIST is here")
     args = parser.parse_args()
     imports_rss_mib = peak_rss_mib()
-    # `import lightning` sets this and fit() pops it; popped here too so --self-check runs alike.
-    os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
-    checkout = Path.cwd()
+    set_up_process()  # as the train stage's command does
     with tempfile.TemporaryDirectory() as tmp:
-        os.chdir(tmp)
-        try:
-            lines = measure(args, Path(tmp), imports_rss_mib)
-        finally:
-            os.chdir(checkout)
+        lines = measure(args, Path(tmp), imports_rss_mib)
     print("\n".join(lines))
 
 

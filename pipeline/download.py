@@ -2,17 +2,19 @@
 
 import logging
 
-from mnist_vae.config import cli, load_config
-from mnist_vae.data import DATA_DIR, download
-
-log = logging.getLogger("mnist_vae.pipeline")
+from mnist_vae.cli import cli
+from mnist_vae.config import load_config
+from mnist_vae.download import download
+from mnist_vae.paths import Paths
 
 
 def main() -> None:
-    cfg = load_config()
-    info = download(cfg.data, DATA_DIR)
-    log.info("%s from %s: %d train, %d test images", info["dataset"], info["origin"],
-                 info["n_images"]["train"], info["n_images"]["test"])
+    paths = Paths.of()
+    cfg = load_config(paths.params)
+    info = download(cfg.data, paths.data)
+    logging.getLogger("mnist_vae.pipeline").info(
+        "%s from %s: %d train, %d test images", info.dataset, info.origin,
+        info.n_images["train"], info.n_images["test"])
 
 
 if __name__ == "__main__":

@@ -2,29 +2,33 @@
 quality and a latent probe, into metrics/evaluate.json and the pipeline's MLflow run."""
 
 import logging
-from pathlib import Path
 
 import mlflow
 import torch
 
 from mnist_vae import tracking
-from mnist_vae.config import cli, load_config
-from mnist_vae.data import binarize, load_split, read_source
-from mnist_vae.evaluate import collapse_warning, evaluate, load_vae
+from mnist_vae.cli import cli
+from mnist_vae.config import load_config
+from mnist_vae.data import binarize, load_split
+from mnist_vae.download import DataSource
+from mnist_vae.evaluate import collapse_warning, evaluate, format_metrics, load_vae
 from mnist_vae.files import write_json
+from mnist_vae.paths import Paths
 from mnist_vae.quality import latent_probe_accuracy, load_classifier, sample_quality
-from mnist_vae.train import MODELS_DIR
+
+log = logging.getLogger("mnist_vae.pipeline")
 
 
 def main() -> None:
-    cfg = load_config()
-    train, (images, labels) = load_split("train"), load_split("test")
-    classifier = load_classifier(Path("classifier/classifier.pt"))
-    vae = load_vae(MODELS_DIR / "best.ckpt")
+    paths = Paths.of()
+    cfg = load_config(paths.params)
+    train, (images, labels) = load_split("train", paths.data), load_split("test", paths.data)
+    classifier = load_classifier(paths.classifier)
+    vae = load_vae(paths.models / "best.ckpt")
     if cfg.data.binarize == "dynamic":  # the IWAE paper's setting: one seeded binarization
         images = binarize(images, torch.Generator().manual_seed(cfg.evaluate.seed))
-    with tracking.continue_run():
-        tracking.log_data_source(read_source(), context="testing")
+    with tracking.continue_run(paths.run_file):
+        tracking.log_data_source(DataSource.read(paths.data), context="testing")
         metrics = evaluate(vae, images, cfg.evaluate.iwae_samples, cfg.evaluate.batch_size,
                            cfg.evaluate.seed)
         metrics |= sample_quality(vae, classifier, images, labels, cfg.evaluate.n_samples,
@@ -33,10 +37,10 @@ def main() -> None:
         mlflow.log_metrics(metrics)
         mlflow.set_tag("data.binarize", cfg.data.binarize)
         if warning := collapse_warning(metrics):
-            logging.getLogger("mnist_vae.pipeline").warning("WARNING: %s", warning)
+            log.warning("WARNING: %s", warning)
             mlflow.set_tag("posterior_collapse", "true")
-        write_json("metrics/evaluate.json", metrics)
-    print(metrics)
+        write_json(paths.metrics / "evaluate.json", metrics)
+    log.info("%s", format_metrics(metrics))
 
 
 if __name__ == "__main__":

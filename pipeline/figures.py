@@ -1,28 +1,30 @@
 """DVC stage `figures`: the tutorial's figures and training curves under figures/, logged to MLflow."""
 
 import csv
-from pathlib import Path
 
 import mlflow
 
 from mnist_vae import tracking
-from mnist_vae.config import cli, load_config
-from mnist_vae.data import load_split, read_source
+from mnist_vae.cli import cli
+from mnist_vae.config import load_config
+from mnist_vae.data import load_split
+from mnist_vae.download import DataSource
 from mnist_vae.evaluate import load_vae
-from mnist_vae.figures import FIGURES_DIR, draw_all
-from mnist_vae.train import HISTORY_FILE, MODELS_DIR
+from mnist_vae.figures import draw_all
+from mnist_vae.paths import Paths
 
 
 def main() -> None:
-    cfg = load_config()
-    images, labels = load_split("test")
-    vae = load_vae(MODELS_DIR / "best.ckpt")
-    counterpart = load_vae(Path("counterpart/best.ckpt"))
-    with HISTORY_FILE.open() as f:
+    paths = Paths.of()
+    cfg = load_config(paths.params)
+    images, labels = load_split("test", paths.data)
+    vae = load_vae(paths.models / "best.ckpt")
+    counterpart = load_vae(paths.counterpart / "best.ckpt")
+    with paths.history.open() as f:
         history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    with tracking.continue_run():
-        for path in draw_all(vae, images, labels, history, read_source()["dataset"], cfg.figures,
-                             FIGURES_DIR, counterpart):
+    with tracking.continue_run(paths.run_file):
+        for path in draw_all(vae, images, labels, history, DataSource.read(paths.data).dataset,
+                             cfg.figures, paths.figures, counterpart):
             mlflow.log_artifact(str(path), "figures")
 
 

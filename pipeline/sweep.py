@@ -10,8 +10,10 @@ import subprocess
 
 import yaml
 
-from mnist_vae.config import PARAMS_FILE, ConfigError, SweepConfig, cli, load_config
-from mnist_vae.data import DATA_DIR, SOURCE_FILE
+from mnist_vae.cli import cli
+from mnist_vae.config import ConfigError, SweepConfig, load_config
+from mnist_vae.download import SOURCE_FILE
+from mnist_vae.paths import Paths
 from mnist_vae.sweep import run_sweep
 
 
@@ -26,12 +28,13 @@ def parse_overrides(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = load_config(PARAMS_FILE, overrides=parse_overrides(argv))
+    paths = Paths.of()
+    cfg = load_config(paths.params, overrides=parse_overrides(argv))
     if cfg.model.kind != "vae":
         raise ConfigError("params.yaml: model.kind = 'ae'; the sweep tunes a VAE (its kl_weight and "
                           "ELBO), set model.kind: vae")
-    if not (DATA_DIR / SOURCE_FILE).exists():
-        subprocess.run(["dvc", "repro", "download"], check=True)
+    if not (paths.data / SOURCE_FILE).exists():
+        subprocess.run(["dvc", "repro", "download"], cwd=paths.root, check=True)
     run_sweep(cfg)
 
 

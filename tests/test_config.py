@@ -19,7 +19,14 @@ def test_params_yaml_is_the_documented_defaults():
 @pytest.mark.parametrize("raw, message", [
     ({"model": {"latnt_dim": 4}}, "unknown key model.latnt_dim; did you mean model.latent_dim?"),
     ({"modle": {}}, "unknown key modle; did you mean model?"),
-    ({"model": {"latent_dim": -1}}, "model.latent_dim = -1; expected an integer >= 1"),
+    ({"model": {"latent_dim": -1}}, "model.latent_dim = -1; expected an integer from 1 to 1,024"),
+    ({"model": {"latent_dim": 100000}}, "model.latent_dim = 100000; expected an integer from 1 to 1,024"),
+    ({"model": {"hidden_dims": [10**6]}}, "model.hidden_dims = [1000000]; expected a non-empty list"),
+    ({"train": {"lr": float("inf")}}, "train.lr = inf; expected a finite number"),
+    ({"model": {"kl_weight": float("inf")}}, "model.kl_weight = inf; expected a finite number"),
+    ({"data": {"download_timeout_s": float("inf")}}, "data.download_timeout_s = inf; expected a finite"),
+    ({"train": {"seed": -5}}, "train.seed = -5; expected an integer from 0 to 4294967295"),
+    ({"evaluate": {"iwae_samples": 10**9}}, "evaluate.iwae_samples = 1000000000; expected an integer from 1 to 10,000"),
     ({"model": {"latent_dim": 2.5}}, "model.latent_dim = 2.5; expected an integer"),
     ({"model": {"latent_dim": True}}, "model.latent_dim = True; expected an integer"),
     ({"model": {"kl_weight": -0.1}}, "model.kl_weight = -0.1; expected a number >= 0"),
@@ -49,6 +56,18 @@ def test_flat_names_match_dvc_set_syntax():
     flat = Config().flat()
     assert flat["model.latent_dim"] == 2 and flat["model.hidden_dims"] == [256, 128]
     assert set(yaml.safe_load((ROOT / "params.yaml").read_text())) == {k.split(".")[0] for k in flat}
+
+
+@pytest.mark.parametrize("text, missing", [
+    ("", "data and 6 more missing"),
+    ("data: {}\n", "data.dataset and 13 more missing"),
+])
+def test_an_empty_or_partial_params_file_names_what_is_missing(tmp_path, text, missing):
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "params.yaml")
+    assert str(err.value) == (f"{tmp_path / 'params.yaml'}: {missing}; every key must be set (the "
+                              "project's params.yaml lists them all with their defaults)")
 
 
 def test_invalid_yaml_is_one_line(tmp_path):

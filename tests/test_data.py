@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mnist_vae.config import DataConfig
-from mnist_vae.data import (FILES, DataError, ShuffledBatches, binarize, download, idx_bytes,
-                            load_split, read_idx)
+from mnist_vae.data import ShuffledBatches, binarize, load_split
+from mnist_vae.download import FILES, DataError, download, idx_bytes, read_idx
 
 
 def test_idx_round_trip_gz_and_raw(tmp_path):
@@ -44,7 +44,7 @@ def test_sample_is_split_with_a_seed_and_recorded(sample_dir):
 
 def test_local_source_reads_a_folder_of_idx_files(sample_dir, tmp_path):
     info = download(DataConfig(source="local", local_dir=str(sample_dir)), tmp_path)
-    assert info["source"] == "local" and info["n_images"]["train"] == 4500
+    assert info.source == "local" and info.n_images["train"] == 4500
     torch.testing.assert_close(load_split("train", tmp_path), load_split("train", sample_dir))
 
 
@@ -59,8 +59,16 @@ def test_altered_file_is_named_with_the_fix(sample_dir, tmp_path):
 
 
 def test_missing_local_files_say_what_was_tried(tmp_path):
-    with pytest.raises(DataError, match="no source could provide mnist .*not found"):
-        download(DataConfig(source="local", local_dir=str(tmp_path)), tmp_path / "out")
+    with pytest.raises(DataError, match="no source could provide fashion-mnist .*torchvision"):
+        download(DataConfig(dataset="fashion-mnist", source="torchvision", download_timeout_s=0.01),
+                 tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("source", ["local", "auto"])
+def test_an_explicit_local_dir_that_fails_is_an_error_not_a_fallback(tmp_path, source):
+    with pytest.raises(DataError, match=f"{tmp_path / FILES['train'][0]} not found"):
+        download(DataConfig(source=source, local_dir=str(tmp_path)), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

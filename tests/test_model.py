@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from mnist_vae.config import PipelineError
+from mnist_vae.cli import PipelineError
 from mnist_vae.evaluate import active_units, collapse_warning, evaluate, kl_per_dimension, load_vae
-from mnist_vae.model import VAE, LitVAE, iwae_nll, neg_elbo_terms
+from mnist_vae.lit import LitVAE
+from mnist_vae.model import VAE, iwae_nll, neg_elbo_terms
 
 
 def test_neg_elbo_terms_match_a_hand_computation():

@@ -58,7 +58,7 @@ def test_a_hopeless_trial_is_pruned(project, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
     from mnist_vae.sweep import PARENT_RUN_ATTR, Objective, open_study
 
-    cfg = load_config(overrides={"sweep.max_epochs": 3, "sweep.pruner_startup_trials": 2,
+    cfg = load_config("params.yaml", overrides={"sweep.max_epochs": 3, "sweep.pruner_startup_trials": 2,
                                  "sweep.pruner_warmup_epochs": 1,
                                  "sweep.hidden_dims": [[32], [64, 32]], "sweep.latent_dim": [2, 4]})
     study = open_study(cfg)

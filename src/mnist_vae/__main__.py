@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch
 
-from .config import PipelineError, cli
-from .data import binarize, read_idx
+from .cli import PipelineError, cli
+from .config import MAX_IWAE_SAMPLES
+from .data import binarize
+from .download import read_idx
 from .evaluate import evaluate, load_vae
 
 
@@ -20,20 +22,26 @@ def main(argv: list[str] | None = None) -> None:
     ev = commands.add_parser("evaluate", help="test metrics of a checkpoint on an IDX image file")
     ev.add_argument("--checkpoint", type=Path, required=True, help="e.g. models/best.ckpt")
     ev.add_argument("--images", type=Path, required=True, help="IDX images, .gz or raw, 28x28 uint8")
-    ev.add_argument("--iwae-samples", type=int, default=100, help="k of the IWAE bound (default 100)")
+    ev.add_argument("--iwae-samples", type=int, default=100,
+                    help=f"k of the IWAE bound, 1..{MAX_IWAE_SAMPLES:,} (default 100)")
     ev.add_argument("--batch-size", type=int, default=500)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--binarize", action="store_true",
                     help="score stochastically binarized images (seeded), as data.binarize: dynamic")
     args = parser.parse_args(argv)
-    if args.iwae_samples < 1:
-        parser.error(f"--iwae-samples {args.iwae_samples}: expected an integer >= 1")
+    if not 1 <= args.iwae_samples <= MAX_IWAE_SAMPLES:
+        parser.error(f"--iwae-samples {args.iwae_samples}: expected an integer from 1 to {MAX_IWAE_SAMPLES:,}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}: expected an integer >= 1")
+    if args.seed < 0:
+        parser.error(f"--seed {args.seed}: expected an integer >= 0")
 
     with cli():
         vae = load_vae(args.checkpoint)
         images = read_idx(args.images)
-        if images.ndim != 3 or images.shape[1:] != (28, 28):
-            raise PipelineError(f"{args.images}: images of shape {images.shape}; expected (N, 28, 28)")
+        if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) == 0:
+            raise PipelineError(f"{args.images}: images of shape {images.shape}; expected (N, 28, 28) "
+                                "with N >= 1, an IDX image file such as data/t10k-images-idx3-ubyte.gz")
         flat = torch.from_numpy(images.reshape(len(images), -1).copy())
         if args.binarize:
             flat = binarize(flat, torch.Generator().manual_seed(args.seed))

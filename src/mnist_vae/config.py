@@ -8,26 +8,30 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import logging
-import sys
+import math
 import types
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-PARAMS_FILE = Path("params.yaml")
-
-
-class PipelineError(Exception):
-    """A problem the user can fix (a param, a data file): shown as one line, no traceback."""
+from .cli import PipelineError
 
 
 class ConfigError(PipelineError):
     pass
+
+
+# Upper limits of the values that size memory, files or time: a typo such as latent_dim: 100000
+# would otherwise write two 469 MB checkpoints, and iwae_samples: 1e9 never finish.
+MAX_IWAE_SAMPLES = 10_000  # 2x the IWAE paper's k = 5000
+MAX_LATENT_DIM = 1_024
+MAX_WIDTH = 8_192  # of a hidden layer
+MAX_BATCH_SIZE = 65_536
+MAX_EPOCHS = 100_000
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are 32-bit
 
 
 @dataclass(frozen=True)
@@ -77,10 +81,9 @@ class ModelConfig:
     """beta in loss = recon + beta * KL; 1.0 is the true ELBO (Kingma & Welling 2014)."""
 
     def __post_init__(self) -> None:
-        _check(len(self.hidden_dims) > 0 and all(d >= 1 for d in self.hidden_dims),
-               "model.hidden_dims", list(self.hidden_dims),
-               "a non-empty list of positive layer widths such as [256, 128]")
-        _check(self.latent_dim >= 1, "model.latent_dim", self.latent_dim, "an integer >= 1")
+        _check_widths("model.hidden_dims", self.hidden_dims)
+        _check(1 <= self.latent_dim <= MAX_LATENT_DIM, "model.latent_dim", self.latent_dim,
+               f"an integer from 1 to {MAX_LATENT_DIM:,}")
         _check(self.kl_weight >= 0, "model.kl_weight", self.kl_weight, "a number >= 0")
 
 
@@ -98,8 +101,11 @@ class TrainConfig:
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
-        _check(self.max_epochs >= 1, "train.max_epochs", self.max_epochs, "an integer >= 1")
+        _check(1 <= self.batch_size <= MAX_BATCH_SIZE, "train.batch_size", self.batch_size,
+               f"an integer from 1 to {MAX_BATCH_SIZE:,}")
+        _check(1 <= self.max_epochs <= MAX_EPOCHS, "train.max_epochs", self.max_epochs,
+               f"an integer from 1 to {MAX_EPOCHS:,}")
+        _check(0 <= self.seed <= MAX_SEED, "train.seed", self.seed, f"an integer from 0 to {MAX_SEED}")
         _check(self.lr > 0, "train.lr", self.lr, "a positive learning rate such as 0.001")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
         _check(self.t_max >= 1, "train.t_max", self.t_max, "an integer >= 1 (epochs)")
@@ -116,10 +122,12 @@ class ClassifierConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(len(self.hidden_dims) > 0 and min(self.hidden_dims) >= 1, "classifier.hidden_dims",
-               list(self.hidden_dims), "a non-empty list of positive layer widths such as [256]")
-        _check(self.max_epochs >= 1, "classifier.max_epochs", self.max_epochs, "an integer >= 1")
-        _check(self.batch_size >= 1, "classifier.batch_size", self.batch_size, "an integer >= 1")
+        _check_widths("classifier.hidden_dims", self.hidden_dims)
+        _check(1 <= self.max_epochs <= MAX_EPOCHS, "classifier.max_epochs", self.max_epochs,
+               f"an integer from 1 to {MAX_EPOCHS:,}")
+        _check(1 <= self.batch_size <= MAX_BATCH_SIZE, "classifier.batch_size", self.batch_size,
+               f"an integer from 1 to {MAX_BATCH_SIZE:,}")
+        _check(0 <= self.seed <= MAX_SEED, "classifier.seed", self.seed, f"an integer from 0 to {MAX_SEED}")
         _check(self.lr > 0, "classifier.lr", self.lr, "a positive learning rate such as 0.001")
 
 
@@ -135,9 +143,13 @@ class EvaluateConfig:
     """Seeds the posterior samples, so the metrics are reproducible."""
 
     def __post_init__(self) -> None:
-        _check(self.iwae_samples >= 1, "evaluate.iwae_samples", self.iwae_samples, "an integer >= 1")
-        _check(self.n_samples >= 2, "evaluate.n_samples", self.n_samples, "an integer >= 2")
-        _check(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "an integer >= 1")
+        _check(1 <= self.iwae_samples <= MAX_IWAE_SAMPLES, "evaluate.iwae_samples",
+               self.iwae_samples, f"an integer from 1 to {MAX_IWAE_SAMPLES:,}")
+        _check(2 <= self.n_samples <= 1_000_000, "evaluate.n_samples", self.n_samples,
+               "an integer from 2 to 1,000,000")
+        _check(1 <= self.batch_size <= MAX_BATCH_SIZE, "evaluate.batch_size", self.batch_size,
+               f"an integer from 1 to {MAX_BATCH_SIZE:,}")
+        _check(0 <= self.seed <= MAX_SEED, "evaluate.seed", self.seed, f"an integer from 0 to {MAX_SEED}")
 
 
 @dataclass(frozen=True)
@@ -205,9 +217,12 @@ class SweepConfig:
         _check(1 <= low <= high, "sweep.latent_dim", list(self.latent_dim), "[low, high] with 1 <= low <= high")
         low, high = self.kl_weight
         _check(0 < low <= high, "sweep.kl_weight", list(self.kl_weight), "[low, high] with 0 < low <= high")
-        _check(len(self.hidden_dims) > 0 and all(len(h) > 0 and min(h) >= 1 for h in self.hidden_dims),
-               "sweep.hidden_dims", [list(h) for h in self.hidden_dims],
-               "a non-empty list of layer-width lists such as [[256, 128], [512, 256]]")
+        _check(len(self.hidden_dims) > 0, "sweep.hidden_dims", [], "a non-empty list of "
+               "layer-width lists such as [[256, 128], [512, 256]]")
+        for i, widths in enumerate(self.hidden_dims):
+            _check_widths(f"sweep.hidden_dims[{i}]", widths)
+        _check(self.latent_dim[1] <= MAX_LATENT_DIM, "sweep.latent_dim", list(self.latent_dim),
+               f"[low, high] with high <= {MAX_LATENT_DIM:,}")
 
 
 @dataclass(frozen=True)
@@ -231,9 +246,13 @@ def _plain(value: Any) -> Any:
     return [_plain(v) for v in value] if isinstance(value, tuple) else value
 
 
-def load_config(path: Path | str = PARAMS_FILE, overrides: Mapping[str, Any] | None = None) -> Config:
-    """The validated config; `overrides` maps flat names ("sweep.n_trials") to values from flags."""
+def load_config(path: Path | str, overrides: Mapping[str, Any] | None = None) -> Config:
+    """The validated config; `overrides` maps flat names ("sweep.n_trials") to values from flags.
+    Every key must be present: a params.yaml missing one would otherwise train on a default
+    nobody chose."""
     path = Path(path)
+    if path.is_absolute() and path.is_relative_to(Path.cwd()):
+        path = path.relative_to(Path.cwd())  # errors name the file as the user knows it
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -244,10 +263,25 @@ def load_config(path: Path | str = PARAMS_FILE, overrides: Mapping[str, Any] | N
     for name, value in (overrides or {}).items():
         section, key = name.split(".", 1)
         raw = {**raw, section: {**(raw.get(section) or {}), key: value}}
+    if isinstance(raw, Mapping) and (missing := _missing_keys(Config, raw, prefix="")):
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ConfigError(f"{path}: {missing[0]}{more} missing; every key must be set (the "
+                          "project's params.yaml lists them all with their defaults)")
     return from_dict(raw, source=str(path))
 
 
-def from_dict(raw: Mapping[str, Any], source: str = str(PARAMS_FILE)) -> Config:
+def _missing_keys(cls: type, raw: Mapping[str, Any], prefix: str) -> list[str]:
+    missing = []
+    for f in dataclasses.fields(cls):
+        tp = get_type_hints(cls)[f.name]
+        if f.name not in raw:
+            missing.append(f"{prefix}{f.name}")
+        elif dataclasses.is_dataclass(tp) and isinstance(raw[f.name], Mapping):
+            missing += _missing_keys(tp, raw[f.name], f"{prefix}{f.name}.")
+    return missing
+
+
+def from_dict(raw: Mapping[str, Any], source: str = "params.yaml") -> Config:
     try:
         return _build(Config, raw, prefix="")
     except ConfigError as err:
@@ -299,6 +333,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
           bool: isinstance(value, bool)}[tp]
     if not ok:
         raise ConfigError(f"{key} = {value!r}; expected {_TYPE_NAMES[tp]}")
+    if tp is float and not math.isfinite(value):  # .inf overflows later, far from the cause
+        raise ConfigError(f"{key} = {value!r}; expected a finite number")
     return tp(value)
 
 
@@ -310,18 +346,6 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{key} = {value!r}; expected {expected}")
 
 
-def configure_logging() -> None:
-    """Our INFO lines and everyone's warnings on stderr, as bare messages."""
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("mnist_vae").setLevel(logging.INFO)
-
-
-@contextmanager
-def cli() -> Iterator[None]:
-    """Run as a command: log INFO lines to stderr, and show a PipelineError as one line, exit 2."""
-    configure_logging()
-    try:
-        yield
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+def _check_widths(key: str, widths: tuple[int, ...]) -> None:
+    _check(len(widths) > 0 and all(1 <= w <= MAX_WIDTH for w in widths), key, list(widths),
+           f"a non-empty list of layer widths from 1 to {MAX_WIDTH:,}, such as [256, 128]")

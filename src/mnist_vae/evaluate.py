@@ -3,27 +3,54 @@
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .config import PipelineError
+from .cli import PipelineError
 from .data import to_float
-from .model import VAE, LitVAE, bernoulli_nll, iwae_nll, neg_elbo_terms
+from .model import VAE, bernoulli_nll, iwae_nll, neg_elbo_terms
+
+
+def load_checkpoint(path: Path | str, keys: tuple[str, ...] = ("state_dict", "hyper_parameters")) -> dict:
+    """A checkpoint's contents, loaded with weights_only=True: one carrying pickled code is
+    refused, never run. Every way it can be wrong is one PipelineError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: no such checkpoint file; run `dvc repro train` first, or "
+                            "pass a .ckpt file the train stage wrote")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            raise PipelineError(f"{path}: refused, it holds more than tensors and plain values "
+                                "(pickled code); load only checkpoints you trust") from None
+        raise PipelineError(f"{path}: not a PyTorch checkpoint; pass a .ckpt file the train "
+                            "stage wrote") from None
+    except (EOFError, RuntimeError, ValueError, OSError, zipfile.BadZipFile):
+        raise PipelineError(f"{path}: empty, truncated or not a PyTorch checkpoint; pass a .ckpt "
+                            "file the train stage wrote") from None
+    if not isinstance(saved, dict) or not set(keys) <= saved.keys():
+        raise PipelineError(f"{path}: not a Lightning checkpoint of this project (a bare "
+                            "state_dict?); pass a .ckpt file the train stage wrote")
+    return saved
 
 
 def load_vae(checkpoint: Path | str) -> VAE:
-    """The VAE of a Lightning checkpoint, loaded with weights_only=True: a checkpoint carrying
-    pickled code is refused, never run."""
+    """The VAE (or AE) of a train-stage checkpoint, in eval mode, without importing Lightning."""
+    saved = load_checkpoint(checkpoint)
+    hp = saved["hyper_parameters"]
+    weights = {k.removeprefix("vae."): v for k, v in saved["state_dict"].items()
+               if k.startswith("vae.")}
     try:
-        module = LitVAE.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PipelineError(f"{checkpoint}: no such checkpoint; run `dvc repro train` first") from None
-    except pickle.UnpicklingError as err:
-        raise PipelineError(f"{checkpoint}: refused, it holds more than tensors and plain values "
-                            f"({str(err).splitlines()[0]}); load only checkpoints you trust") from None
-    return module.vae.eval()
+        vae = VAE(list(hp["hidden_dims"]), int(hp["latent_dim"]), variational=hp.get("kind", "vae") == "vae")
+        vae.load_state_dict(weights)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise PipelineError(f"{checkpoint}: its weights do not match its hyperparameters "
+                            f"({str(err).splitlines()[0]}); pass a .ckpt file the train stage wrote") from None
+    return vae.eval()
 
 
 @torch.inference_mode()
@@ -81,3 +108,10 @@ def collapse_warning(metrics: dict[str, float]) -> str | None:
         return (f"posterior collapse: {metrics['active_units']} active units, KL "
                 f"{metrics['test_kl']:.3f} nats; the decoder ignores z (try a lower model.kl_weight)")
     return None
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """Aligned `name  value` lines, for people (metrics/evaluate.json is for programs)."""
+    width = max(map(len, metrics))
+    return "\n".join(f"{name:<{width}}  {value:.4g}" if isinstance(value, float) else
+                     f"{name:<{width}}  {value}" for name, value in metrics.items())

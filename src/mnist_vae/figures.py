@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")  # files only; no display on CI or servers
 import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
@@ -17,7 +15,8 @@ from .evaluate import active_dims, kl_per_dimension
 from .files import atomic_path
 from .model import VAE
 
-FIGURES_DIR = Path("figures")
+DPI = 120
+TILE_INCHES = 0.6  # one 28x28 digit drawn 72 px wide: big enough to see strokes
 CLASS_NAMES = {
     "mnist": [str(d) for d in range(10)],
     "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -27,7 +26,7 @@ CLASS_NAMES = {
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -37,7 +36,7 @@ def _image_grid(images: Tensor, rows: int, cols: int, title: str, row_labels=())
     pad = 2
     tiles = torch.nn.functional.pad(images.reshape(rows, cols, 28, 28), (pad, pad, pad, pad), value=1.0)
     mosaic = tiles.permute(0, 2, 1, 3).reshape(rows * (28 + 2 * pad), cols * (28 + 2 * pad))
-    fig, ax = plt.subplots(figsize=(0.5 + cols * 0.45, 0.6 + rows * 0.45))
+    fig, ax = plt.subplots(figsize=(1 + cols * TILE_INCHES, 0.8 + rows * TILE_INCHES))
     ax.imshow(mosaic, cmap="gray", vmin=0, vmax=1)
     ax.set_xticks([])
     ax.set_yticks([(28 + 2 * pad) * (i + 0.5) for i in range(len(row_labels))], row_labels)
@@ -48,18 +47,21 @@ def _image_grid(images: Tensor, rows: int, cols: int, title: str, row_labels=())
 def latent_space(mu: Tensor, labels: Tensor, class_names: list[str], path: Path) -> Path:
     """Test latent means coloured by class; a PCA projection when latent_dim > 2."""
     title = "Latent space: posterior means of test images"
+    axes = ("z[0]", "z[1]")
     if mu.shape[1] > 2:
         centred = mu - mu.mean(0)
         _, _, v = torch.linalg.svd(centred, full_matrices=False)
         mu = centred @ v[:2].T
         title += f"\n(PCA projection of the {centred.shape[1]}-D latent space)"
+        axes = ("principal component 1", "principal component 2")
     elif mu.shape[1] == 1:
         mu = torch.cat([mu, torch.zeros_like(mu)], 1)
+        axes = ("z[0]", "(1-D latent space)")
     fig, ax = plt.subplots(figsize=(7, 6))
     scatter = ax.scatter(mu[:, 0], mu[:, 1], c=labels, cmap="tab10", s=4, vmin=-0.5, vmax=9.5)
-    bar = fig.colorbar(scatter, ax=ax, ticks=range(10))
+    bar = fig.colorbar(scatter, ax=ax, ticks=range(10), label="class of the test image")
     bar.ax.set_yticklabels(class_names)
-    ax.set(title=title, xlabel="z[0]" if mu.shape[1] == 2 else "PC 1", ylabel="z[1]")
+    ax.set(title=title, xlabel=axes[0], ylabel=axes[1])
     return _save(fig, path)
 
 
@@ -119,24 +121,30 @@ def kl_per_dimension_plot(kl: Tensor, active: Tensor, path: Path) -> Path:
 
 
 def training_curves(history: list[dict[str, float]], path: Path) -> Path:
-    epochs = [row["epoch"] + 1 for row in history]
-    fig, (loss_ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("train_loss", "val_loss", "val_neg_elbo"):
-        if key in history[0]:  # the AE has no val_neg_elbo
-            loss_ax.plot(epochs, [row[key] for row in history], label=key)
-    loss_ax.set(title="Loss per image", xlabel="epoch", ylabel="nats")
+    epochs = [int(row["epoch"]) for row in history]  # 0-based, as in the CSV and MLflow's steps
+    fig, (loss_ax, kl_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    columns = {key: [row[key] for row in history] for key in history[0]}
+    loss_ax.plot(epochs, columns["train_loss"], label="train_loss (weighted objective)")
+    if columns["val_loss"] == columns.get("val_neg_elbo"):  # kl_weight 1: the same curve
+        loss_ax.plot(epochs, columns["val_loss"], label="val_loss = val_neg_elbo (kl_weight 1)")
+    else:
+        loss_ax.plot(epochs, columns["val_loss"], label="val_loss (weighted objective)")
+        if "val_neg_elbo" in columns:  # the AE has no ELBO
+            loss_ax.plot(epochs, columns["val_neg_elbo"], "--", label="val_neg_elbo (kl_weight 1)")
+    loss_ax.set(title="Loss per image", xlabel="epoch", ylabel="nats per image")
     loss_ax.legend()
     for key in ("val_recon", "val_kl"):
-        if key in history[0]:
-            kl_ax.plot(epochs, [row[key] for row in history], label=key)
-    kl_ax.set(title="-ELBO terms on validation", xlabel="epoch", ylabel="nats", yscale="log")
+        if key in columns:
+            kl_ax.plot(epochs, columns[key], label=key)
+    kl_ax.set(title="-ELBO terms on validation", xlabel="epoch", ylabel="nats per image (log scale)",
+              yscale="log")
     kl_ax.legend()
     return _save(fig, path)
 
 
 @torch.inference_mode()
 def draw_all(vae: VAE, images: Tensor, labels: Tensor, history: list[dict[str, float]],
-             dataset: str, cfg: FiguresConfig, out_dir: Path = FIGURES_DIR,
+             dataset: str, cfg: FiguresConfig, out_dir: Path,
              counterpart: VAE | None = None) -> list[Path]:
     """All figures from test images ((N, 784) uint8) and the training history; with the same
     MLPs trained as the other kind (AE for a VAE, VAE for an AE), the two side by side."""
@@ -188,7 +196,7 @@ def study_plots(study, out_dir: Path) -> list[Path]:
                        ("param_importances", ovm.plot_param_importances),
                        ("slice", ovm.plot_slice)):
         try:
-            axes = plot(study)
+            axes = plot(study, target_name="val_neg_elbo (nats per image)")
         except (ValueError, RuntimeError):  # e.g. importances need two complete, differing trials
             continue
         fig = (axes.flat[0] if hasattr(axes, "flat") else axes).figure

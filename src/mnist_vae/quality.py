@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ClassifierConfig, PipelineError
+from .cli import PipelineError
+from .config import ClassifierConfig
 from .data import to_float
+from .evaluate import load_checkpoint
 from .files import atomic_path
 from .model import IMAGE_PIXELS, VAE, mlp
 
@@ -57,12 +59,15 @@ def save_classifier(model: Classifier, hidden_dims: list[int], path: Path) -> No
 
 
 def load_classifier(path: Path) -> Classifier:
+    if not Path(path).is_file():
+        raise PipelineError(f"{path}: no classifier; run `dvc repro classifier`")
+    saved = load_checkpoint(path, keys=("hidden_dims", "state_dict"))
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: no classifier; run `dvc repro classifier`") from None
-    model = Classifier(saved["hidden_dims"])
-    model.load_state_dict(saved["state_dict"])
+        model = Classifier(list(saved["hidden_dims"]))
+        model.load_state_dict(saved["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise PipelineError(f"{path}: its weights do not match its hidden_dims ({str(err).splitlines()[0]}); "
+                            "run `dvc repro -f classifier`") from None
     return model.eval()
 
 

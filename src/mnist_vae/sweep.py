@@ -15,7 +15,6 @@ import logging
 import multiprocessing
 import os
 import tempfile
-import warnings
 from pathlib import Path
 
 import mlflow
@@ -25,23 +24,23 @@ import yaml
 from optuna_integration import PyTorchLightningPruningCallback
 
 from . import tracking
-from .config import Config, configure_logging
-from .data import VaeDataModule
+from .cli import set_up_process
+from .config import Config
 from .files import write_bytes
-from .model import NonFiniteLossError
+from .lit import NonFiniteLossError, VaeDataModule
+from .paths import Paths
 from .train import fit
 
 log = logging.getLogger(__name__)
 
-SWEEPS_DIR = Path("sweeps")
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 
 
 def storage_url(url: str) -> str:
-    """Resolve a relative SQLite path from the project root, as the MLflow store is."""
+    """Resolve a relative SQLite path from the checkout, as the MLflow store is."""
     prefix = "sqlite:///"
     if url.startswith(prefix) and not url[len(prefix):].startswith("/"):
-        path = tracking.project_root() / url[len(prefix):]
+        path = Paths.of().checkout / url[len(prefix):]
         path.parent.mkdir(parents=True, exist_ok=True)
         return prefix + str(path)
     return url
@@ -54,8 +53,6 @@ def _kill_child_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Non
 
 
 def open_study(cfg: Config) -> optuna.Study:
-    # Heartbeats, fail_stale_trials and the matplotlib plots are "experimental" since Optuna 2.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     sweep = cfg.sweep
     storage = optuna.storages.RDBStorage(
         storage_url(sweep.storage), heartbeat_interval=sweep.heartbeat_s,
@@ -89,7 +86,7 @@ class Objective:
     def __init__(self, cfg: Config, parent_run_id: str) -> None:
         self.cfg, self.parent_run_id = cfg, parent_run_id
         self.experiment_id = tracking.use_experiment()
-        self.data = VaeDataModule(cfg.data, cfg.train)
+        self.data = VaeDataModule(cfg.data, cfg.train, Paths.of().data)
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = trial_config(self.cfg, trial)
@@ -103,7 +100,7 @@ class Objective:
             try:
                 with tempfile.TemporaryDirectory() as work_dir:
                     result = fit(cfg, self.data, run.info.run_id, work_dir=Path(work_dir),
-                                 models_dir=None, history_file=None, enable_progress_bar=False,
+                                 progress=False,
                                  callbacks=[PyTorchLightningPruningCallback(trial, "val_neg_elbo")])
             except optuna.TrialPruned:
                 result = None  # a pruned trial is no failure: its run ends FINISHED
@@ -129,9 +126,8 @@ def _report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
 
 def _worker(cfg: Config, n_trials: int, parent_run_id: str, threads: int) -> None:
     torch.set_num_threads(threads)  # torch takes every core per process; workers split them
-    configure_logging()  # a spawned worker starts with none
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one line per trial is ours
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    set_up_process()  # a spawned worker starts with none of the command's set-up
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
     study = open_study(cfg)
     study.optimize(Objective(cfg, parent_run_id), n_trials=n_trials, timeout=cfg.sweep.timeout_s,
                    callbacks=[_report], catch=(NonFiniteLossError,))
@@ -169,7 +165,7 @@ def run_sweep(cfg: Config) -> optuna.Study:
             for proc in procs:
                 proc.join()
         study = open_study(cfg)
-        summarise(study, cfg)
+        summarise(study, cfg, Paths.of().sweeps)
     return study
 
 
@@ -196,7 +192,7 @@ def dvc_command(best: dict) -> str:
     return "dvc exp run " + " ".join(sets)
 
 
-def summarise(study: optuna.Study, cfg: Config, out_dir: Path = SWEEPS_DIR) -> None:
+def summarise(study: optuna.Study, cfg: Config, out_dir: Path) -> None:
     """Log the best trial and the study's plots to the parent run; write best_params.yaml."""
     complete = study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
     mlflow.log_metrics({"trials_complete": len(complete), "trials_total": len(study.trials)})

@@ -1,13 +1,12 @@
 """MLflow: where the store lives, and one run per pipeline execution across its stages.
 
-The train stage opens the run and records its id in RUN_FILE (a DVC output); evaluate and figures
-reopen it from there. All logging is explicit: `mlflow.pytorch.autolog` does not patch the
+The train stage opens the run and, once training has finished, records its id in the run file
+(models/mlflow_run.json, a DVC output); counterpart, evaluate and figures reopen it from there. All logging is explicit: `mlflow.pytorch.autolog` does not patch the
 `lightning` namespace.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,37 +15,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import lightning as L
 import mlflow
 from filelock import FileLock
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 
-from .config import Config, PipelineError
+from .cli import PipelineError
+from .config import Config
+from .download import DataSource
 from .files import write_json
+from .paths import Paths
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "mnist-vae"
-RUN_FILE = Path("models/mlflow_run.json")
-DVC_TEMP_COPIES = (".dvc", "tmp", "exps")  # where `dvc exp run --queue/--temp` runs a stage
-
-
-def project_root() -> Path:
-    """The checkout that owns `mlruns/` and `sweeps/`, also from inside DVC's temp copies.
-
-    DVC runs queued experiments in <root>/.dvc/tmp/exps/<tmpdir>/, a copy without git-ignored
-    files; a store resolved from there would be thrown away with the copy.
-    """
-    here = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
-    for path in (here, *here.parents):
-        if path.parent.parts[-3:] == DVC_TEMP_COPIES:
-            return path.parents[3]
-    return here
 
 
 def default_tracking_uri() -> str:
-    return f"sqlite:///{project_root() / 'mlruns' / 'mlflow.db'}"
+    return f"sqlite:///{Paths.of().mlruns / 'mlflow.db'}"
 
 
 def tracking_uri() -> str:
@@ -56,13 +42,11 @@ def tracking_uri() -> str:
 def use_experiment(name: str = EXPERIMENT) -> str:
     """Point MLflow at the project's store (before any other MLflow call: MLflow 3's own default
     is ./mlflow.db in the current directory) and return the experiment's id, creating it."""
-    # Like DVC's analytics (off in .dvc/config): no phoning home from offline machines.
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     if uri != default_tracking_uri():  # a server: it creates its schema and artifact root itself
         return _get_or_create_experiment(name, artifact_location=None)
-    store = project_root() / "mlruns"
+    store = Paths.of().mlruns
     store.mkdir(exist_ok=True)
     # Two stages starting at once (`dvc queue start -j 2`) would both create the SQLite schema;
     # the loser's migration fails. One at a time, the second finds it made.
@@ -110,10 +94,9 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def pipeline_run(cfg: Config, resume_run_id: str | None = None,
-                 run_file: Path = RUN_FILE) -> Iterator[mlflow.ActiveRun]:
-    """Open the pipeline's run (train stage), or reopen an interrupted one; write its id to
-    run_file for the later stages. It ends FINISHED, or FAILED if the block raises."""
+def pipeline_run(cfg: Config, resume_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Open the pipeline's run (train stage), or reopen an interrupted one. It ends FINISHED, or
+    FAILED if the block raises."""
     experiment = use_experiment()
     close_dead_runs(experiment)
     if resume_run_id is not None:
@@ -123,47 +106,31 @@ def pipeline_run(cfg: Config, resume_run_id: str | None = None,
                                tags=process_tags())
         mlflow.log_params(cfg.flat())
     with run:
-        write_json(run_file, {"run_id": run.info.run_id, "tracking_uri": tracking_uri()})
         yield run
 
 
+def write_run_file(run_file: Path, run_id: str) -> None:
+    write_json(run_file, {"run_id": run_id, "tracking_uri": tracking_uri()})
+
+
 @contextmanager
-def continue_run(run_file: Path = RUN_FILE) -> Iterator[mlflow.ActiveRun]:
-    """Reopen the run the train stage recorded (evaluate and figures stages)."""
+def continue_run(run_file: Path) -> Iterator[mlflow.ActiveRun]:
+    """Reopen the run the train stage recorded (counterpart, evaluate and figures stages)."""
     try:
         run_id = json.loads(run_file.read_text())["run_id"]
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise PipelineError(f"{run_file}: no MLflow run id ({err}); run `dvc repro train` first") from None
     close_dead_runs(use_experiment())
     with mlflow.start_run(run_id=run_id, tags=process_tags()) as run:
         yield run
 
 
-def log_data_source(source: dict, context: str) -> None:
+def log_data_source(source: DataSource, context: str) -> None:
     """Record where the data came from and the sha256 of each file, as an MLflow dataset input."""
-    files = "".join(sorted(source["sha256_decompressed"].values()))
-    dataset = MetaDataset(LocalArtifactDatasetSource(source["origin"]), name=source["dataset"],
-                          digest=hashlib.sha256(files.encode()).hexdigest()[:32])
-    tags = {"source": source["source"], **{f"sha256.{name}": sha for name, sha
-                                            in source["sha256_decompressed"].items()}}
+    dataset = MetaDataset(LocalArtifactDatasetSource(source.origin), name=source.dataset,
+                          digest=source.digest)
+    tags = {"source": source.source, **{f"sha256.{name}": sha for name, sha
+                                         in source.sha256_decompressed.items()}}
     mlflow.log_input(dataset, context=context, tags=tags)
-    mlflow.set_tags({"data.source": source["source"], "data.origin": source["origin"],
-                     "data.comparable_with_full_dataset": str(source["comparable_with_full_dataset"])})
-
-
-class EpochMetricsLogger(L.Callback):
-    """Logs every epoch's metrics to an MLflow run with step = epoch, in one batch per epoch."""
-
-    def __init__(self, run_id: str) -> None:
-        self.run_id, self.logged_epochs = run_id, set()
-
-    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        # A resumed fit may replay the epoch a crash interrupted after it was logged.
-        history = mlflow.MlflowClient().get_metric_history(self.run_id, "val_neg_elbo")
-        self.logged_epochs = {m.step for m in history}
-
-    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.current_epoch in self.logged_epochs:
-            return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        mlflow.log_metrics(metrics, step=trainer.current_epoch, run_id=self.run_id)
+    mlflow.set_tags({"data.source": source.source, "data.origin": source.origin,
+                     "data.comparable_with_full_dataset": str(source.comparable_with_full_dataset)})

@@ -1,0 +1,125 @@
+"""The Lightning system around the plain-PyTorch VAE: `LitVAE` (optimisation, per-epoch metrics)
+and `VaeDataModule` (the in-memory splits). Only training imports this module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from .cli import PipelineError
+from .config import DataConfig, ModelConfig, TrainConfig
+from .data import batches, load_split, split_train_val
+from .model import VAE, bernoulli_nll, neg_elbo_terms
+
+
+class VaeDataModule(L.LightningDataModule):
+    """The training split of data_dir, divided into train and validation with data.seed."""
+
+    def __init__(self, data: DataConfig, train: TrainConfig, data_dir: Path) -> None:
+        super().__init__()
+        self.data_dir, self.val_fraction, self.seed = Path(data_dir), data.val_fraction, data.seed
+        self.batch_size, self.binarize = train.batch_size, data.binarize == "dynamic"
+        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.splits:
+            self.splits = split_train_val(*load_split("train", self.data_dir), self.val_fraction,
+                                          self.seed, binarize_val=self.binarize)
+
+    def _on_device(self, split: str) -> tuple[Tensor, Tensor]:
+        # On a GPU the whole dataset (47 MB for 60,000 digits) lives on the device: no copy per step.
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        images, labels = self.splits[split]
+        if images.device != device:
+            self.splits[split] = images, labels = images.to(device), labels.to(device)
+        return images, labels
+
+    def train_dataloader(self) -> DataLoader:
+        return batches(*self._on_device("train"), self.batch_size, shuffle=True,
+                       binarize=self.binarize)
+
+    def val_dataloader(self) -> DataLoader:
+        return batches(*self._on_device("val"), self.batch_size, shuffle=False)
+
+
+class NonFiniteLossError(PipelineError):
+    pass
+
+
+class LitVAE(L.LightningModule):
+    """Optimisation and per-epoch metrics around `VAE`. Hyperparameters are plain values, so
+    checkpoints load with `torch.load(weights_only=True)`."""
+
+    def __init__(self, hidden_dims: list[int], latent_dim: int, kl_weight: float,
+                 lr: float, weight_decay: float, t_max: int, kind: str = "vae") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.vae = VAE(hidden_dims, latent_dim, variational=kind == "vae")
+        # The checkpoint to keep: the AE has no ELBO, only its reconstruction.
+        self.monitor = "val_neg_elbo" if kind == "vae" else "val_recon"
+        # Per-epoch running sums of [recon, kl, images]: logging each step costs ~10% of a step.
+        self._sums: dict[str, Tensor] = {}
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, train: TrainConfig) -> LitVAE:
+        return cls(hidden_dims=list(model.hidden_dims), latent_dim=model.latent_dim,
+                   kl_weight=model.kl_weight, lr=train.lr, weight_decay=train.weight_decay,
+                   t_max=train.t_max, kind=model.kind)
+
+    def _common_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, _ = batch  # (batch, 784) floats in [0, 1]
+        logits, mu, logvar = self.vae(x)
+        if self.vae.variational:
+            recon, kl = neg_elbo_terms(logits, x, mu, logvar)
+        else:
+            recon = bernoulli_nll(logits, x)
+            kl = torch.zeros_like(recon)
+        with torch.no_grad():
+            step_sums = torch.stack([recon.sum(), kl.sum(), recon.new_tensor(len(x))])
+            self._sums[stage] = self._sums.get(stage, 0) + step_sums
+        return (recon + self.hparams.kl_weight * kl).mean()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self._common_step(batch, "train")
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at epoch {self.current_epoch}, step {batch_idx}; "
+                f"lower train.lr (now {self.hparams.lr}) in params.yaml")
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._common_step(batch, "val")
+
+    def on_train_epoch_start(self) -> None:
+        self._sums.pop("train", None)
+
+    def on_validation_epoch_start(self) -> None:
+        self._sums.pop("val", None)
+
+    def on_validation_epoch_end(self) -> None:
+        # Validation closes each training epoch, so the epoch's metrics are all known here.
+        if self.trainer.sanity_checking:
+            return
+        beta = self.hparams.kl_weight
+        metrics = {}
+        if "train" in self._sums:
+            recon, kl, n = self._sums["train"]
+            metrics["train_loss"] = (recon + beta * kl) / n
+        recon, kl, n = self._sums["val"]
+        metrics.update(val_loss=(recon + beta * kl) / n, val_recon=recon / n)
+        if self.vae.variational:
+            # val_neg_elbo is beta-free: runs with different kl_weight compare on it fairly.
+            metrics.update(val_kl=kl / n, val_neg_elbo=(recon + kl) / n)
+        self.log(self.monitor, metrics.pop(self.monitor), prog_bar=True)
+        self.log_dict(metrics)
+
+    def configure_optimizers(self):
+        # fused: one kernel for all parameters, 1.13x faster steps on CPU than the default loop.
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr,
+                                      weight_decay=self.hparams.weight_decay, fused=True)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.hparams.t_max)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
