@@ -98,10 +98,13 @@ def main() -> None:
                         help="evaluate/train alternations, default 20: 500 test images a slice, evaluate()'s batch")
     parser.add_argument("--profile", action="store_true", help="profile iwae_nll even if within the goal")
     parser.add_argument("--synthetic", action="store_true", help="random images even if Fashion-MNIST is here")
+    parser.add_argument("--fraction", type=float, default=1.0,
+                        help="use this share of the images, train and test alike (default 1: all); for smoke tests")
     args = parser.parse_args()
     set_up_process()  # as the stages' commands do
 
     train, test, source = load_images(args.synthetic)
+    train, test = (images[:max(args.slices, round(len(images) * args.fraction))] for images in (train, test))
     torch.manual_seed(0)
     vae = VAE((256, 128), 2)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
