@@ -3,7 +3,6 @@
 import re
 import sys
 
-
 from .conftest import ROOT, run
 
 BENCHMARKS = ROOT / "benchmarks"
