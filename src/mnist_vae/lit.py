@@ -23,6 +23,7 @@ class VaeDataModule(L.LightningDataModule):
         super().__init__()
         self.data_dir, self.val_fraction, self.seed = Path(data_dir), data.val_fraction, data.seed
         self.batch_size, self.binarize = train.batch_size, data.binarize == "dynamic"
+        self.shuffle_seed = train.seed
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -38,12 +39,19 @@ class VaeDataModule(L.LightningDataModule):
             self.splits[split] = images, labels = images.to(device), labels.to(device)
         return images, labels
 
+    def _ranks(self) -> dict[str, int]:
+        # Under DDP each rank batches its own share of both splits (fit() turns Lightning's
+        # DistributedSampler off: it would wrap our batch sampler as if it yielded images).
+        if self.trainer is None:
+            return {"rank": 0, "world_size": 1}
+        return {"rank": self.trainer.global_rank, "world_size": self.trainer.world_size}
+
     def train_dataloader(self) -> DataLoader:
         return batches(*self._on_device("train"), self.batch_size, shuffle=True,
-                       binarize=self.binarize)
+                       binarize=self.binarize, seed=self.shuffle_seed, **self._ranks())
 
     def val_dataloader(self) -> DataLoader:
-        return batches(*self._on_device("val"), self.batch_size, shuffle=False)
+        return batches(*self._on_device("val"), self.batch_size, shuffle=False, **self._ranks())
 
 
 class NonFiniteLossError(PipelineError):
@@ -105,11 +113,16 @@ class LitVAE(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         beta = self.hparams.kl_weight
+        # Under DDP each rank summed its own share: add the shares before dividing, so every
+        # rank logs the whole-set value (a mean of per-rank means would weigh shares unequally).
+        # A no-op on one device. The train sums are per-rank tensors too; reduced alike.
+        sums = {stage: self.trainer.strategy.reduce(total.clone(), reduce_op="sum")
+                for stage, total in self._sums.items()}
         metrics = {}
-        if "train" in self._sums:
-            recon, kl, n = self._sums["train"]
+        if "train" in sums:
+            recon, kl, n = sums["train"]
             metrics["train_loss"] = (recon + beta * kl) / n
-        recon, kl, n = self._sums["val"]
+        recon, kl, n = sums["val"]
         metrics.update(val_loss=(recon + beta * kl) / n, val_recon=recon / n)
         if self.vae.variational:
             # val_neg_elbo is beta-free: runs with different kl_weight compare on it fairly.
