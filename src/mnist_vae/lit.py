@@ -115,9 +115,9 @@ class LitVAE(L.LightningModule):
         beta = self.hparams.kl_weight
         # Under DDP each rank summed its own share: add the shares before dividing, so every
         # rank logs the whole-set value (a mean of per-rank means would weigh shares unequally).
-        # A no-op on one device. The train sums are per-rank tensors too; reduced alike.
-        sums = {stage: self.trainer.strategy.reduce(total.clone(), reduce_op="sum")
-                for stage, total in self._sums.items()}
+        # A no-op on one device. Sorted: every rank must issue the all-reduces in one order.
+        sums = {stage: self.trainer.strategy.reduce(self._sums[stage].clone(), reduce_op="sum")
+                for stage in sorted(self._sums)}
         metrics = {}
         if "train" in sums:
             recon, kl, n = sums["train"]

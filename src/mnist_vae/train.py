@@ -4,6 +4,9 @@ benchmark; and `train_stage()`, the train stage with its resume after a crash.
 Checkpoints are written to a work folder outside DVC's outputs (DVC deletes outputs before it
 reruns a stage), so a killed training resumes from its last epoch; models/ and the history CSV
 receive the result only once training has finished.
+
+With train.devices > 1 Lightning's DDP reruns the stage script once per extra rank; those ranks
+train their share and return from `train_stage()` before anything is opened or written.
 """
 
 from __future__ import annotations
