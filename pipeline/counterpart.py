@@ -18,7 +18,10 @@ def main() -> None:
     paths = Paths.of()
     cfg = load_config(paths.params)
     other = "ae" if cfg.model.kind == "vae" else "vae"
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind=other))
+    # On one device whatever train.devices says: a DDP launch would rerun this script per rank,
+    # each opening a child run; the baseline is small and only drawn in a figure.
+    train = dataclasses.replace(cfg.train, devices=1, num_nodes=1, strategy="auto")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind=other), train=train)
     data = VaeDataModule(cfg.data, cfg.train, paths.data)
     data.setup()
     with tracking.continue_run(paths.run_file) as parent:

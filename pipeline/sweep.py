@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.model.kind != "vae":
         raise ConfigError("params.yaml: model.kind = 'ae'; the sweep tunes a VAE (its kl_weight and "
                           "ELBO), set model.kind: vae")
+    if (devices := cfg.train.devices * cfg.train.num_nodes) > 1:
+        raise ConfigError(f"params.yaml: train.devices * train.num_nodes = {devices}; the sweep trains "
+                          "each trial on one device (run trials in parallel with --workers N), set "
+                          "train.devices: 1 and train.num_nodes: 1")
     if not (paths.data / SOURCE_FILE).exists():
         subprocess.run(["dvc", "repro", "download"], cwd=paths.root, check=True)
     run_sweep(cfg)

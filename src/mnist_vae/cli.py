@@ -25,8 +25,11 @@ def set_up_process() -> None:
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     # In-memory batches need no DataLoader workers; the others are Lightning's own, not ours.
     # Optuna calls heartbeats, fail_stale_trials and its matplotlib plots experimental.
+    # Under DDP LitVAE sums its epoch metrics across ranks itself, so Lightning's advice to
+    # log with sync_dist (a mean of per-rank means) is not for us.
     for message in (".*does not have many workers.*", ".*isinstance.treespec, LeafSpec.*",
-                    "Checkpoint directory .* exists and is not empty", ".* is experimental .*"):
+                    "Checkpoint directory .* exists and is not empty", ".* is experimental .*",
+                    ".*when logging on epoch level in distributed setting.*"):
         warnings.filterwarnings("ignore", message)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("mnist_vae").setLevel(logging.INFO)

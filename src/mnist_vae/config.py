@@ -33,6 +33,7 @@ MAX_BATCH_SIZE = 65_536
 MAX_STEPS_PER_CALL = 64  # the per-call overhead is ~1% of the time by 8; more only costs memory
 MAX_EPOCHS = 100_000
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are 32-bit
+MAX_DEVICES = 1_024  # per machine, and machines: a typo such as devices: 20000 would fork 20,000 ranks
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,14 @@ class TrainConfig:
     seed: int = 0
     """Seeds weights, shuffling and the reparameterisation noise."""
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: int = 1
+    """Devices (GPUs, or CPU processes) per machine; above 1, Lightning's DDP: each rank trains on
+    its own share of every epoch's shuffled batches (batch_size per device)."""
+    num_nodes: int = 1
+    """Machines, each running `devices` ranks (launched by torchrun or SLURM; see the README)."""
+    strategy: Literal["auto", "ddp"] = "auto"
+    """auto: Lightning's choice (DDP when devices * num_nodes > 1). Not ddp_spawn: the epochs'
+    history would stay in the spawned processes."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.batch_size <= MAX_BATCH_SIZE, "train.batch_size", self.batch_size,
@@ -116,6 +125,10 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", self.lr, "a positive learning rate such as 0.001")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
         _check(self.t_max >= 1, "train.t_max", self.t_max, "an integer >= 1 (epochs)")
+        _check(1 <= self.devices <= MAX_DEVICES, "train.devices", self.devices,
+               f"an integer from 1 to {MAX_DEVICES} (devices per machine)")
+        _check(1 <= self.num_nodes <= MAX_DEVICES, "train.num_nodes", self.num_nodes,
+               f"an integer from 1 to {MAX_DEVICES} (machines)")
 
 
 @dataclass(frozen=True)

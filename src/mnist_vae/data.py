@@ -44,17 +44,39 @@ def binarize(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 class ShuffledBatches(Sampler[torch.Tensor]):
-    """Yields whole index tensors, one per batch, so the dataset gathers a batch in one op."""
+    """Yields whole index tensors, one per batch, so the dataset gathers a batch in one op.
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool) -> None:
+    Under DDP each rank holds one of these with its own `rank`: every rank draws the same seeded
+    permutation for the epoch (`set_epoch`, which Lightning calls) and takes every
+    `world_size`-th index of it, as `DistributedSampler` does, but without its padding, so the
+    ranks' shares are disjoint and cover the images exactly once per epoch. Every rank yields
+    the same number of batches (DDP's gradient all-reduce hangs otherwise): the smallest share's
+    count, the last batch taking what is left (at most batch_size + 1 images)."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if not 0 <= rank < world_size <= n:
+            raise DataError(f"rank {rank} of {world_size} ranks over {n} images: each rank needs "
+                             "at least one image; lower train.devices or use more data")
         self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __iter__(self):
-        order = torch.randperm(self.n) if self.shuffle else torch.arange(self.n)
-        return iter(order.split(self.batch_size))
+        if self.shuffle:  # seed + epoch, as DistributedSampler: the same order on every rank
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=generator)
+        else:
+            order = torch.arange(self.n)
+        share = order[self.rank::self.world_size]
+        cut = (len(self) - 1) * self.batch_size
+        head = share[:cut].split(self.batch_size) if cut else ()  # split of nothing is [empty]
+        return iter([*head, share[cut:]])
 
     def __len__(self) -> int:
-        return -(-self.n // self.batch_size)
+        return -(-(self.n // self.world_size) // self.batch_size)
 
 
 class TensorBatches(Dataset):
@@ -72,10 +94,10 @@ class TensorBatches(Dataset):
 
 
 def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
-            binarize: bool = False) -> DataLoader:
+            binarize: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
     # batch_size=None: the sampler already yields batches, so no per-sample collate runs.
-    return DataLoader(TensorBatches(images, labels, binarize), batch_size=None,
-                      sampler=ShuffledBatches(len(images), batch_size, shuffle))
+    sampler = ShuffledBatches(len(images), batch_size, shuffle, seed, rank, world_size)
+    return DataLoader(TensorBatches(images, labels, binarize), batch_size=None, sampler=sampler)
 
 
 def split_train_val(images: torch.Tensor, labels: torch.Tensor, val_fraction: float, seed: int,

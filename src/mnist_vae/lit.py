@@ -23,7 +23,7 @@ class VaeDataModule(L.LightningDataModule):
         super().__init__()
         self.data_dir, self.val_fraction, self.seed = Path(data_dir), data.val_fraction, data.seed
         self.batch_size, self.binarize = train.batch_size, data.binarize == "dynamic"
-        self.steps_per_call = train.steps_per_call
+        self.steps_per_call, self.shuffle_seed = train.steps_per_call, train.seed
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -39,16 +39,23 @@ class VaeDataModule(L.LightningDataModule):
             self.splits[split] = images, labels = images.to(device), labels.to(device)
         return images, labels
 
+    def _ranks(self) -> dict[str, int]:
+        # Under DDP each rank batches its own share of both splits (fit() turns Lightning's
+        # DistributedSampler off: it would wrap our batch sampler as if it yielded images).
+        if self.trainer is None:
+            return {"rank": 0, "world_size": 1}
+        return {"rank": self.trainer.global_rank, "world_size": self.trainer.world_size}
+
     def train_dataloader(self) -> DataLoader:
         # K consecutive mini-batches as one: a shuffled order split into K * batch_size images is
         # the order split into batch_size, K at a time; LitVAE.training_step splits it again.
         # DDP reduces gradients once per forward of the wrapped module, so K is 1 there.
         k = self.steps_per_call if self.trainer is None or self.trainer.world_size == 1 else 1
         return batches(*self._on_device("train"), self.batch_size * k, shuffle=True,
-                       binarize=self.binarize)
+                       binarize=self.binarize, seed=self.shuffle_seed, **self._ranks())
 
     def val_dataloader(self) -> DataLoader:
-        return batches(*self._on_device("val"), self.batch_size, shuffle=False)
+        return batches(*self._on_device("val"), self.batch_size, shuffle=False, **self._ranks())
 
 
 class NonFiniteLossError(PipelineError):
@@ -129,11 +136,16 @@ class LitVAE(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         beta = self.hparams.kl_weight
+        # Under DDP each rank summed its own share: add the shares before dividing, so every
+        # rank logs the whole-set value (a mean of per-rank means would weigh shares unequally).
+        # A no-op on one device. Sorted: every rank must issue the all-reduces in one order.
+        sums = {stage: self.trainer.strategy.reduce(self._sums[stage].clone(), reduce_op="sum")
+                for stage in sorted(self._sums)}
         metrics = {}
-        if "train" in self._sums:
-            recon, kl, n = self._sums["train"]
+        if "train" in sums:
+            recon, kl, n = sums["train"]
             metrics["train_loss"] = (recon + beta * kl) / n
-        recon, kl, n = self._sums["val"]
+        recon, kl, n = sums["val"]
         metrics.update(val_loss=(recon + beta * kl) / n, val_recon=recon / n)
         if self.vae.variational:
             # val_neg_elbo is beta-free: runs with different kl_weight compare on it fairly.

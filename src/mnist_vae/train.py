@@ -4,6 +4,9 @@ benchmark; and `train_stage()`, the train stage with its resume after a crash.
 Checkpoints are written to a work folder outside DVC's outputs (DVC deletes outputs before it
 reruns a stage), so a killed training resumes from its last epoch; models/ and the history CSV
 receive the result only once training has finished.
+
+With train.devices > 1 Lightning's DDP reruns the stage script once per extra rank; those ranks
+train their share and return from `train_stage()` before anything is opened or written.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from . import tracking
-from .config import Config
+from .config import Config, TrainConfig
 from .download import DataSource
 from .files import atomic_path, write_bytes, write_json
 from .lit import LitVAE, VaeDataModule
@@ -145,11 +148,13 @@ def fit(cfg: Config, data: VaeDataModule, run_id: str | None = None, *, work_dir
     elif progress:
         all_callbacks.append(EpochLines())
     all_callbacks += callbacks  # last: a pruning callback may stop the epoch after it is logged
-    trainer = L.Trainer(max_epochs=cfg.train.max_epochs, accelerator=cfg.train.accelerator,
-                        devices=1, logger=False, callbacks=all_callbacks,
-                        enable_progress_bar=show_bar, enable_model_summary=False)
+    trainer = L.Trainer(max_epochs=cfg.train.max_epochs, logger=False, callbacks=all_callbacks,
+                        enable_progress_bar=show_bar, enable_model_summary=False,
+                        **_devices(cfg.train))
     trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     result = FitResult(Path(best.best_model_path), history.rows, module.monitor)
+    if not trainer.is_global_zero:  # under DDP, rank 0 alone writes (Lightning's checkpoints too)
+        return result
     if models_dir is not None:
         for name in ("best.ckpt", "last.ckpt"):
             with atomic_path(Path(models_dir) / name) as tmp:
@@ -158,6 +163,22 @@ def fit(cfg: Config, data: VaeDataModule, run_id: str | None = None, *, work_dir
     if history_file is not None:
         history.write_csv(history_file)
     return result
+
+
+def _devices(train: TrainConfig) -> dict:
+    # use_distributed_sampler=False: VaeDataModule shards its own batches per rank.
+    return {"accelerator": train.accelerator, "devices": train.devices,
+            "num_nodes": train.num_nodes, "strategy": train.strategy,
+            "use_distributed_sampler": False}
+
+
+def global_rank(train: TrainConfig) -> int:
+    """This process's DDP rank, before anything is opened: Lightning's `ddp` reruns the stage
+    script for ranks 1..N-1 (with LOCAL_RANK, NODE_RANK set), torchrun and SLURM start every rank
+    themselves. Lightning's own reading of that environment, from a Trainer that starts nothing."""
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, **_devices(train))
+    return trainer.global_rank
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,6 +222,11 @@ def train_stage(cfg: Config, paths: Paths) -> FitResult:
     source = DataSource.read(paths.data)
     key = fingerprint(cfg, source)
     interrupted = find_interrupted(key, paths.checkpoints)
+    if global_rank(cfg.train) != 0:
+        # A DDP rank besides 0: it trains its share beside rank 0 (resuming from the same
+        # checkpoint), and opens no run and writes nothing; rank 0 does all of that.
+        return fit(cfg, data, work_dir=paths.checkpoints, progress=False,
+                   resume_from=interrupted and interrupted.checkpoint)
     with tracking.pipeline_run(cfg, resume_run_id=interrupted and interrupted.run_id) as run:
         if interrupted:
             log.info("resuming MLflow run %s after epoch %d", run.info.run_id, interrupted.epoch)
