@@ -99,6 +99,9 @@ class TrainConfig:
     seed: int = 0
     """Seeds weights, shuffling and the reparameterisation noise."""
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    images_every_epochs: int = 5
+    """Log reconstructions and prior samples to MLflow (step = epoch) at epoch 0, every this
+    many epochs and at the last, so the run's image view shows the model learning; 0: never."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.batch_size <= MAX_BATCH_SIZE, "train.batch_size", self.batch_size,
@@ -109,6 +112,8 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", self.lr, "a positive learning rate such as 0.001")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
         _check(self.t_max >= 1, "train.t_max", self.t_max, "an integer >= 1 (epochs)")
+        _check(self.images_every_epochs >= 0, "train.images_every_epochs", self.images_every_epochs,
+               "an integer >= 0 (epochs; 0 logs no images)")
 
 
 @dataclass(frozen=True)
