@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -144,22 +145,39 @@ def test_pipeline_run_as_the_ui_shows_it(project):
         ["prior_samples@0", "prior_samples@1", "reconstructions@0", "reconstructions@1"]
 
 
+def test_evaluate_cli_scores_a_logged_model_as_its_checkpoint(project):
+    (parent,) = pipeline_runs(project)
+    common = ["--images", "data/t10k-images-idx3-ubyte.gz", "--iwae-samples", "3"]
+    by_checkpoint = run([sys.executable, "-m", "mnist_vae", "evaluate", "--checkpoint",
+                         "models/best.ckpt", *common], project)
+    by_model = run([sys.executable, "-m", "mnist_vae", "evaluate", "--model",
+                    f"runs:/{parent.info.run_id}/model", *common], project)
+    assert by_model.stdout.splitlines()[-1] == by_checkpoint.stdout.splitlines()[-1]
+    missing = run([sys.executable, "-m", "mnist_vae", "evaluate", "--model", "models:/mnist-vae@nope",
+                   *common], project, check=False)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert missing.stderr.startswith("error: --model models:/mnist-vae@nope: cannot load it (")
+
+
 def test_champion_moves_only_for_a_better_model_on_the_same_data(project, store):
     def versions() -> dict[str, dict]:
-        return {v.version: v.tags for v in store.search_model_versions("name = 'mnist-vae'")}
+        return {str(v.version): v.tags for v in store.search_model_versions("name = 'mnist-vae'")}
+
+    def champion() -> str:
+        return str(store.get_model_version_by_alias("mnist-vae", "champion").version)
 
     (v1,) = versions().values()
     digest = DataSource.read(project / "data").digest
     assert v1 == {"data.digest": digest, "data.binarize": "none",
                   "test_iwae_nll": str(json.loads((project / "metrics" / "evaluate.json").read_text())["test_iwae_nll"])}
-    assert store.get_model_version_by_alias("mnist-vae", "champion").version == "1"
+    assert champion() == "1"
 
-    worse = run(["dvc", "exp", "run", "--temp", "-S", "train.lr=1e-6"], project)
+    worse = run(["dvc", "exp", "run", "--temp", "-S", "train.max_epochs=1"], project)
     assert set(versions()) == {"1", "2"}
     assert float(versions()["2"]["test_iwae_nll"]) > float(v1["test_iwae_nll"])
-    assert store.get_model_version_by_alias("mnist-vae", "champion").version == "1"
+    assert champion() == "1"
     assert "mnist-vae version 2 registered; champion stays: its test_iwae_nll" in worse.stdout + worse.stderr
 
     run(["dvc", "exp", "run", "--temp", "-S", "train.max_epochs=6"], project)
     assert float(versions()["3"]["test_iwae_nll"]) < float(v1["test_iwae_nll"])
-    assert store.get_model_version_by_alias("mnist-vae", "champion").version == "3"
+    assert champion() == "3"

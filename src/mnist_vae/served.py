@@ -153,7 +153,7 @@ def _why_not_champion(client: mlflow.MlflowClient, name: str, version: str,
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except mlflow.exceptions.MlflowException:  # no champion yet
         return None
-    if champion.version == version:
+    if str(champion.version) == str(version):  # the client gives it as int or str
         return None
     ours = float(tags[metric])
     for key in ("data.digest", "data.binarize"):
