@@ -132,6 +132,9 @@ def test_pipeline_run_as_the_ui_shows_it(project):
     commit = run(["git", "rev-parse", "--short", "HEAD"], project).stdout.strip()
     assert parent.info.run_name == f"vae-z2-{commit}"
     assert not [k for k in parent.data.params if k.startswith("sweep.")]
+    experiment = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}").get_experiment(
+        parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent.data.params["train.images_every_epochs"] == "5"
     constants = {"epochs", "best_epoch", "iwae_samples", "n_test"}
     assert not constants & set(parent.data.metrics)

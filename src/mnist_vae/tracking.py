@@ -100,6 +100,8 @@ def pipeline_run(cfg: Config, resume_run_id: str | None = None) -> Iterator[mlfl
     FAILED if the block raises."""
     experiment = use_experiment()
     close_dead_runs(experiment)
+    # MLflow 3's UI opens an experiment of unknown kind on its GenAI overview; this one trains models.
+    mlflow.MlflowClient().set_experiment_tag(experiment, "mlflow.experimentKind", "custom_model_development")
     if resume_run_id is not None:
         run = mlflow.start_run(run_id=resume_run_id, tags=process_tags(), log_system_metrics=True)
     else:
