@@ -29,7 +29,7 @@ def main() -> None:
             result = fit(cfg, data, run.info.run_id, work_dir=paths.counterpart_checkpoints,
                          models_dir=paths.counterpart)
             tracking.log_results(result.summary())
-            served.log_model(result.best_checkpoint, other, data.splits["val"][0][:5].numpy())
+            served.log_model(result.best_checkpoint, other, data.splits["val"][0][:5].cpu().numpy())
     shutil.rmtree(paths.counterpart_checkpoints)
 
 

@@ -217,7 +217,7 @@ def train_stage(cfg: Config, paths: Paths) -> FitResult:
                      callbacks=[EpochImages(run.info.run_id, every)] if every else [])
         tracking.log_results(result.summary())
         mlflow.log_artifact(str(result.best_checkpoint), "checkpoints")
-        served.log_model(result.best_checkpoint, cfg.model.kind, data.splits["val"][0][:5].numpy())
+        served.log_model(result.best_checkpoint, cfg.model.kind, data.splits["val"][0][:5].cpu().numpy())
         tracking.write_run_file(paths.run_file, run.info.run_id)
     write_json(paths.metrics / "train.json", result.summary())
     shutil.rmtree(paths.checkpoints)  # finished: nothing left to resume
