@@ -6,7 +6,7 @@ import shutil
 
 import mlflow
 
-from mnist_vae import tracking
+from mnist_vae import served, tracking
 from mnist_vae.cli import cli
 from mnist_vae.config import load_config
 from mnist_vae.lit import VaeDataModule
@@ -28,9 +28,11 @@ def main() -> None:
         with mlflow.start_run(experiment_id=parent.info.experiment_id, nested=True,
                               parent_run_id=parent.info.run_id, run_name=f"{other}-counterpart",
                               tags=tracking.process_tags()) as run:
-            mlflow.log_params(cfg.flat())
-            fit(cfg, data, run.info.run_id, work_dir=paths.counterpart_checkpoints,
-                models_dir=paths.counterpart)
+            mlflow.log_params(tracking.run_params(cfg))
+            result = fit(cfg, data, run.info.run_id, work_dir=paths.counterpart_checkpoints,
+                         models_dir=paths.counterpart)
+            tracking.log_results(result.summary())
+            served.log_model(result.best_checkpoint, other, data.splits["val"][0][:5].cpu().numpy())
     shutil.rmtree(paths.counterpart_checkpoints)
 
 

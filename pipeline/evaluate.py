@@ -6,7 +6,7 @@ import logging
 import mlflow
 import torch
 
-from mnist_vae import tracking
+from mnist_vae import served, tracking
 from mnist_vae.cli import cli
 from mnist_vae.config import load_config
 from mnist_vae.data import binarize, load_split
@@ -27,15 +27,18 @@ def main() -> None:
     vae = load_vae(paths.models / "best.ckpt")
     if cfg.data.binarize == "dynamic":  # the IWAE paper's setting: one seeded binarization
         images = binarize(images, torch.Generator().manual_seed(cfg.evaluate.seed))
-    with tracking.continue_run(paths.run_file):
-        tracking.log_data_source(DataSource.read(paths.data), context="testing")
+    source = DataSource.read(paths.data)
+    with tracking.continue_run(paths.run_file) as run:
+        tracking.log_data_source(source, context="testing")
         metrics = evaluate(vae, images, cfg.evaluate.iwae_samples, cfg.evaluate.batch_size,
                            cfg.evaluate.seed)
         metrics |= sample_quality(vae, classifier, images, labels, cfg.evaluate.n_samples,
                                   cfg.evaluate.seed)
         metrics["latent_probe_accuracy"] = latent_probe_accuracy(vae, train, (images, labels))
-        mlflow.log_metrics(metrics)
+        tracking.log_results(metrics)
         mlflow.set_tag("data.binarize", cfg.data.binarize)
+        # Here, where the test metrics are known: the registry ranks versions by them.
+        served.register(run.info.run_id, cfg.model.kind, source.digest, cfg.data.binarize, metrics)
         if warning := collapse_warning(metrics):
             log.warning("WARNING: %s", warning)
             mlflow.set_tag("posterior_collapse", "true")

@@ -26,6 +26,7 @@ def test_params_yaml_is_the_documented_defaults():
     ({"model": {"kl_weight": float("inf")}}, "model.kl_weight = inf; expected a finite number"),
     ({"data": {"download_timeout_s": float("inf")}}, "data.download_timeout_s = inf; expected a finite"),
     ({"train": {"seed": -5}}, "train.seed = -5; expected an integer from 0 to 4294967295"),
+    ({"train": {"images_every_epochs": -1}}, "train.images_every_epochs = -1; expected an integer >= 0"),
     ({"evaluate": {"iwae_samples": 10**9}}, "evaluate.iwae_samples = 1000000000; expected an integer from 1 to 10,000"),
     ({"model": {"latent_dim": 2.5}}, "model.latent_dim = 2.5; expected an integer"),
     ({"model": {"latent_dim": True}}, "model.latent_dim = True; expected an integer"),

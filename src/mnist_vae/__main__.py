@@ -1,5 +1,6 @@
-"""`python -m mnist_vae evaluate --checkpoint CKPT --images FILE`: score any checkpoint on any IDX
-image file; the last line of stdout is one JSON object of the metrics."""
+"""`python -m mnist_vae evaluate --checkpoint CKPT --images FILE`: score any checkpoint (or, with
+`--model URI`, any model the pipeline logged to MLflow) on any IDX image file; the last line of
+stdout is one JSON object of the metrics."""
 
 from __future__ import annotations
 
@@ -14,13 +15,18 @@ from .config import MAX_IWAE_SAMPLES
 from .data import binarize
 from .download import read_idx
 from .evaluate import evaluate, load_vae
+from .model import VAE
+from .paths import Paths
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mnist_vae")
     commands = parser.add_subparsers(dest="command", required=True)
     ev = commands.add_parser("evaluate", help="test metrics of a checkpoint on an IDX image file")
-    ev.add_argument("--checkpoint", type=Path, required=True, help="e.g. models/best.ckpt")
+    model = ev.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", type=Path, help="e.g. models/best.ckpt")
+    model.add_argument("--model", metavar="URI", help="a logged model: models:/mnist-vae@champion, "
+                       "models:/mnist-vae/3 or runs:/<run id>/model, from the project's MLflow store")
     ev.add_argument("--images", type=Path, required=True, help="IDX images, .gz or raw, 28x28 uint8")
     ev.add_argument("--iwae-samples", type=int, default=100,
                     help=f"k of the IWAE bound, 1..{MAX_IWAE_SAMPLES:,} (default 100)")
@@ -37,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--seed {args.seed}: expected an integer >= 0")
 
     with cli():
-        vae = load_vae(args.checkpoint)
+        vae = load_vae(args.checkpoint) if args.checkpoint else load_model(args.model)
         images = read_idx(args.images)
         if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) == 0:
             raise PipelineError(f"{args.images}: images of shape {images.shape}; expected (N, 28, 28) "
@@ -47,6 +53,20 @@ def main(argv: list[str] | None = None) -> None:
             flat = binarize(flat, torch.Generator().manual_seed(args.seed))
         metrics = evaluate(vae, flat, args.iwae_samples, args.batch_size, args.seed)
         print(json.dumps(metrics))
+
+
+def load_model(uri: str) -> VAE:
+    # Imported here: MLflow takes seconds to import, and --checkpoint does not need it.
+    import mlflow
+
+    from . import served, tracking
+
+    store = tracking.tracking_uri()
+    if store == tracking.default_tracking_uri() and not (Paths.of().mlruns / "mlflow.db").exists():
+        raise PipelineError(f"--model {uri}: no MLflow store at {Paths.of().mlruns}; run `dvc repro` "
+                            "in the project first, or set MLFLOW_TRACKING_URI to the store")
+    mlflow.set_tracking_uri(store)
+    return served.load(uri).vae
 
 
 if __name__ == "__main__":

@@ -113,6 +113,9 @@ class TrainConfig:
     strategy: Literal["auto", "ddp"] = "auto"
     """auto: Lightning's choice (DDP when devices * num_nodes > 1). Not ddp_spawn: the epochs'
     history would stay in the spawned processes."""
+    images_every_epochs: int = 5
+    """Log reconstructions and prior samples to MLflow (step = epoch) at epoch 0, every this
+    many epochs and at the last, so the run's image view shows the model learning; 0: never."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.batch_size <= MAX_BATCH_SIZE, "train.batch_size", self.batch_size,
@@ -129,6 +132,8 @@ class TrainConfig:
                f"an integer from 1 to {MAX_DEVICES} (devices per machine)")
         _check(1 <= self.num_nodes <= MAX_DEVICES, "train.num_nodes", self.num_nodes,
                f"an integer from 1 to {MAX_DEVICES} (machines)")
+        _check(self.images_every_epochs >= 0, "train.images_every_epochs", self.images_every_epochs,
+               "an integer >= 0 (epochs; 0 logs no images)")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,12 +100,14 @@ def pipeline_run(cfg: Config, resume_run_id: str | None = None) -> Iterator[mlfl
     FAILED if the block raises."""
     experiment = use_experiment()
     close_dead_runs(experiment)
+    # MLflow 3's UI opens an experiment of unknown kind on its GenAI overview; this one trains models.
+    mlflow.MlflowClient().set_experiment_tag(experiment, "mlflow.experimentKind", "custom_model_development")
     if resume_run_id is not None:
-        run = mlflow.start_run(run_id=resume_run_id, tags=process_tags())
+        run = mlflow.start_run(run_id=resume_run_id, tags=process_tags(), log_system_metrics=True)
     else:
-        run = mlflow.start_run(experiment_id=experiment, run_name=os.environ.get("DVC_EXP_NAME"),
-                               tags=process_tags())
-        mlflow.log_params(cfg.flat())
+        run = mlflow.start_run(experiment_id=experiment, run_name=run_name(cfg),
+                               tags=process_tags(), log_system_metrics=True)
+        mlflow.log_params(run_params(cfg))
     with run:
         yield run
 
@@ -134,3 +137,36 @@ def log_data_source(source: DataSource, context: str) -> None:
     mlflow.log_input(dataset, context=context, tags=tags)
     mlflow.set_tags({"data.source": source.source, "data.origin": source.origin,
                      "data.comparable_with_full_dataset": str(source.comparable_with_full_dataset)})
+
+
+# ---------------------------------------------------------------------------------------------
+# What the MLflow UI shows: readable run names, params that configure the run, metrics that
+# measure it
+
+# Values fixed by the config or the data, not measurements: tags, so the metrics tab charts
+# only what was measured (metrics/*.json keep them beside the metrics).
+CONSTANTS = ("epochs", "best_epoch", "iwae_samples", "n_test")
+
+
+def run_name(cfg: Config) -> str:
+    """The DVC experiment's name when there is one, else e.g. `vae-z2-5b91248` (kind, latent
+    size, the commit it ran on)."""
+    if exp_name := os.environ.get("DVC_EXP_NAME"):
+        return exp_name
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Paths.of().root,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    return "-".join(filter(None, [cfg.model.kind, f"z{cfg.model.latent_dim}", commit]))
+
+
+def run_params(cfg: Config) -> dict[str, object]:
+    """What configures a training run; `sweep.*` configures the sweep, whose parent run has them."""
+    return {k: v for k, v in cfg.flat().items() if not k.startswith("sweep.")}
+
+
+def log_results(values: dict[str, float]) -> None:
+    """Measurements as metrics of the active run; the CONSTANTS among them as tags."""
+    mlflow.log_metrics({k: v for k, v in values.items() if k not in CONSTANTS})
+    mlflow.set_tags({k: v for k, v in values.items() if k in CONSTANTS})

@@ -28,12 +28,13 @@ import mlflow
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-from . import tracking
+from . import served, tracking
 from .config import Config, TrainConfig
 from .download import DataSource
 from .files import atomic_path, write_bytes, write_json
 from .lit import LitVAE, VaeDataModule
 from .paths import Paths
+from .snapshots import EpochImages
 
 log = logging.getLogger(__name__)
 
@@ -236,10 +237,13 @@ def train_stage(cfg: Config, paths: Paths) -> FitResult:
             write_json(paths.checkpoints / RESUME_FILE, {"run_id": run.info.run_id, "fingerprint": key})
             tracking.log_data_source(source, context="training")
             mlflow.log_artifact(str(paths.params))
+        every = cfg.train.images_every_epochs
         result = fit(cfg, data, run.info.run_id, work_dir=paths.checkpoints, models_dir=paths.models,
-                     history_file=paths.history, resume_from=interrupted and interrupted.checkpoint)
-        mlflow.log_metrics(result.summary())
+                     history_file=paths.history, resume_from=interrupted and interrupted.checkpoint,
+                     callbacks=[EpochImages(run.info.run_id, every)] if every else [])
+        tracking.log_results(result.summary())
         mlflow.log_artifact(str(result.best_checkpoint), "checkpoints")
+        served.log_model(result.best_checkpoint, cfg.model.kind, data.splits["val"][0][:5].cpu().numpy())
         tracking.write_run_file(paths.run_file, run.info.run_id)
     write_json(paths.metrics / "train.json", result.summary())
     shutil.rmtree(paths.checkpoints)  # finished: nothing left to resume
