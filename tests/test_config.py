@@ -45,6 +45,14 @@ def test_bad_values_name_key_value_and_expectation(raw, message):
     assert text.startswith("params.yaml: ") and "\n" not in text
 
 
+def test_exponent_floats_as_dvc_writes_them_are_numbers(tmp_path):
+    # `dvc exp run -S train.lr=1e-6` writes `lr: 1e-06`, which YAML 1.1 reads as a string.
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    text = yaml.safe_dump(params).replace("lr: 0.001", "lr: 1e-06")
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_config(tmp_path / "params.yaml").train.lr == 1e-6
+
+
 def test_ints_are_accepted_for_floats_and_lists_become_tuples():
     cfg = from_dict({"model": {"kl_weight": 1, "hidden_dims": [64]}})
     assert cfg.model.kl_weight == 1.0 and isinstance(cfg.model.kl_weight, float)

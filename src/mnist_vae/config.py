@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -351,6 +352,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} = {value!r}; expected a list such as [256, 128]")
         return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+    if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
+        # YAML 1.1 (PyYAML) reads 1e-06 as a string, and `dvc exp run -S train.lr=1e-6` writes that.
+        value = float(value)
     # bool is an int subclass in Python; `latent_dim: true` is a typo, not 1.
     ok = {int: isinstance(value, int) and not isinstance(value, bool),
           float: isinstance(value, (int, float)) and not isinstance(value, bool),
@@ -363,6 +367,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     return tp(value)
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
