@@ -13,7 +13,6 @@ import yaml
 from .conftest import BIN, metric_steps, mlflow_runs, pipeline_runs, run, tiny_params
 
 
-
 def set_params(project, **sections):
     (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(**sections), sort_keys=False))
 
