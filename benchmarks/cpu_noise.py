@@ -22,5 +22,5 @@ def cpu_snapshot() -> tuple[int, int, float]:
 
 def others_cpu_share(start: tuple[int, int, float]) -> float:
     """Share of all CPUs' time since `start` that other processes used: the noise pairing faces."""
-    busy, total, own = (b - a for a, b in zip(start, cpu_snapshot()))
+    busy, total, own = (b - a for a, b in zip(start, cpu_snapshot(), strict=True))
     return max(0.0, busy / total - own * os.sysconf("SC_CLK_TCK") / total) if total else 0.0

@@ -3,7 +3,8 @@
 What: the time of `mnist_vae.evaluate.evaluate(vae, images, iwae_samples=100)` over 10,000 test
 images (Fashion-MNIST t10k when the system copy is installed, else synthetic), divided by the time
 of one training epoch on 60,000 images: a bare PyTorch epoch of the same VAE (784-256-128-2, batch
-128, fused AdamW lr 1e-3 wd 0.1, as the project trains, the project's `neg_elbo_terms` loss) in the same process. Goal: at most
+128, fused AdamW lr 1e-3 wd 0.1, as the project trains, the project's `neg_elbo_terms` loss) in
+the same process. Goal: at most
 3, so the evaluate stage costs no more than a few of the 50 epochs the train stage runs.
 
 How: paired, since separate runs on a shared 2-core machine are too noisy: the test set goes through
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -120,7 +120,7 @@ def main() -> None:
         epoch_s.append(time.perf_counter() - middle)
         evaluate_s.append(middle - start)
     # Each slice pair is the same work, so the median slice is robust to a busy spell in a few.
-    ratio = statistics.median(e / t for e, t in zip(evaluate_s, epoch_s))
+    ratio = statistics.median(e / t for e, t in zip(evaluate_s, epoch_s, strict=True))
     epoch, evaluation = (statistics.median(times) * args.slices for times in (epoch_s, evaluate_s))
     iwae = sum(r["test_iwae_nll"] * r["n_test"] for r in results) / len(test)
 

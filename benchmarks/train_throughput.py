@@ -137,7 +137,8 @@ class Paired(L.Callback):
         self.others = others_cpu_share(self.cpu)
 
     def warning(self) -> list[str]:
-        return [f"warning: other processes took {self.others:.0%} of the CPU time; rerun when idle"] * (self.others > 0.1)
+        warning = f"warning: other processes took {self.others:.0%} of the CPU time; rerun when idle"
+        return [warning] * (self.others > 0.1)
 
     def ratio(self) -> float:
         return sum(self.bare_s) / sum(self.project_s)
@@ -178,7 +179,7 @@ def write_data(folder: Path, synthetic: bool, n_train: int = 60_000) -> tuple[Da
         cfg = DataConfig(dataset="fashion-mnist", source="local")
     else:
         rng, raw = np.random.default_rng(0), folder / "raw"
-        for (images, labels), n in zip(FILES.values(), (n_train, max(1, n_train // 6))):
+        for (images, labels), n in zip(FILES.values(), (n_train, max(1, n_train // 6)), strict=True):
             write_bytes(raw / images, idx_bytes(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)))
             write_bytes(raw / labels, idx_bytes(rng.integers(0, 10, n, dtype=np.uint8)))
         cfg = DataConfig(dataset="fashion-mnist", source="local", local_dir=str(raw))

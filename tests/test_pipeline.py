@@ -4,9 +4,12 @@ import json
 import sys
 import time
 
+import pytest
 import yaml
 
 from .conftest import artifact_paths, metric_steps, mlflow_runs, pipeline_runs, run
+
+pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow") skips it
 
 METRIC_KEYS = {"test_neg_elbo", "test_recon", "test_kl", "test_iwae_nll", "n_test", "active_units"}
 QUALITY_KEYS = {"sample_fd", "sample_confidence", "recon_accuracy", "latent_probe_accuracy"}

@@ -7,11 +7,13 @@ import sys
 import time
 
 import optuna
+import pytest
 import torch
 import yaml
 
 from .conftest import BIN, metric_steps, mlflow_runs, pipeline_runs, run, tiny_params
 
+pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow") skips it
 
 
 def set_params(project, **sections):

@@ -38,9 +38,24 @@ def set_up_process() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+# Torch's float sums depend on how many threads split them, and its default is every core, so
+# the same seed trained other weights on another machine. At a fixed count the weights repeat bit
+# for bit (seen across two machines and two torch versions); 4 threads step as fast as 16 here.
+TORCH_THREADS = 4
+
+
+def fix_torch_threads() -> None:
+    """For a stage: a fixed intra-op thread count, unless OMP_NUM_THREADS names one (sweep workers
+    set their own: cores / workers)."""
+    torch = sys.modules.get("torch")  # the stages that compute have imported it; download has not
+    if torch is not None and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(min(TORCH_THREADS, os.cpu_count() or 1))
+
+
 @contextmanager
 def cli() -> Iterator[None]:
     set_up_process()
+    fix_torch_threads()
     try:
         yield
     except PipelineError as err:

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 IMAGE_PIXELS = 28 * 28
 LOG_2PI = math.log(2 * math.pi)
 
@@ -22,7 +21,7 @@ LOG_2PI = math.log(2 * math.pi)
 def mlp(widths: Sequence[int]) -> nn.Sequential:
     """Linear layers with ReLU between them, none after the last."""
     layers: list[nn.Module] = []
-    for d_in, d_out in zip(widths[:-1], widths[1:]):
+    for d_in, d_out in zip(widths[:-1], widths[1:], strict=True):
         layers += [nn.Linear(d_in, d_out), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
 

@@ -1,8 +1,8 @@
 """MLflow: where the store lives, and one run per pipeline execution across its stages.
 
 The train stage opens the run and, once training has finished, records its id in the run file
-(models/mlflow_run.json, a DVC output); counterpart, evaluate and figures reopen it from there. All logging is explicit: `mlflow.pytorch.autolog` does not patch the
-`lightning` namespace.
+(models/mlflow_run.json, a DVC output); counterpart, evaluate and figures reopen it from there.
+All logging is explicit: `mlflow.pytorch.autolog` does not patch the `lightning` namespace.
 """
 
 from __future__ import annotations
