@@ -51,7 +51,7 @@ def project(tmp_path: Path) -> Path:
 def new_project(tmp_path: Path) -> Path:
     repo = tmp_path / "project"
     repo.mkdir()
-    for name in ("pipeline", "src", ".dvc"):
+    for name in ("pipeline", "src", ".dvc", "plots"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns(
             "__pycache__", "*.egg-info", "tmp", "cache"))
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
