@@ -25,6 +25,7 @@ over data setup and fit(), as in the train stage. The last stdout lines are
 
     python benchmarks/train_throughput.py [--epochs 2] [--seed-steps 300] [--steps-per-call 1 4]
                                           [--self-check] [--synthetic] [--train-images N]
+                                          [--accelerator gpu]
 """
 
 from __future__ import annotations
@@ -82,10 +83,12 @@ class BareLoop:
     """One optimizer step per call over its own shuffles of `train` (N, 784) uint8; after each
     epoch's last step, a no-grad pass over `val` (None: never)."""
 
-    def __init__(self, train: Tensor, val: Tensor | None, seed: int) -> None:
+    def __init__(self, train: Tensor, val: Tensor | None, seed: int, device: str = "cpu") -> None:
         with torch.random.fork_rng(devices=[]):  # its own weights, leaving the global stream alone
             torch.manual_seed(seed)
-            self.model = BareVAE()
+            self.model = BareVAE().to(device)
+        # On a GPU the data lives on the device, as fit() keeps it (VaeDataModule).
+        train, val = train.to(device), val if val is None else val.to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY,
                                            fused=True)
         self.train, self.val, self.generator = train, val, torch.Generator().manual_seed(seed)
@@ -124,9 +127,11 @@ class Paired(L.Callback):
         self.take(trainer.global_step - self.steps)
 
     def take(self, steps: int) -> None:
+        sync()  # on a GPU, the project's queued kernels are its time, not the bare loop's
         start = time.perf_counter()
         for _ in range(steps):
             self.bare.step()
+        sync()
         end = time.perf_counter()
         self.project_s.append(start - self.mark)
         self.bare_s.append(end - start)
@@ -148,6 +153,11 @@ class Paired(L.Callback):
         median = statistics.median(self.bare_s) / statistics.median(self.project_s)
         return (f"{name:<24}{self.steps:>6}{project:>8.2f}{bare:>8.2f}{n / project:>10.0f}"
                 f"{n / bare:>10.0f}{self.others:>8.0%}{median:>8.2f}{self.ratio():>7.2f}")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 HEADER = (f"{'':<24}{'steps':>6}{'proj s':>8}{'bare s':>8}{'proj im/s':>10}{'bare im/s':>10}"
@@ -202,7 +212,7 @@ def measure(args: argparse.Namespace, tmp: Path, imports_rss_mib: float) -> list
     data_cfg, data_desc = write_data(tmp, args.synthetic, args.train_images)
     cfg = replace(Config(), data=data_cfg, model=ModelConfig(hidden_dims=(256, 128), latent_dim=2),
                   train=replace(TrainConfig(), max_epochs=args.epochs, batch_size=BATCH_SIZE, lr=LR,
-                                weight_decay=WEIGHT_DECAY, accelerator="cpu"))
+                                weight_decay=WEIGHT_DECAY, accelerator=args.accelerator))
     peak_rss_mib(reset=True)
     data = VaeDataModule(cfg.data, cfg.train, tmp / "data")
     data.setup()  # before fit(), as pipeline/train.py does
@@ -212,7 +222,8 @@ def measure(args: argparse.Namespace, tmp: Path, imports_rss_mib: float) -> list
     data_desc += f", {len(train):,} for training"
 
     if args.self_check:
-        primary, paired = BareLoop(train, val, seed=1), Paired(BareLoop(train, val, seed=2))
+        primary = BareLoop(train, val, seed=1, device=args.device)
+        paired = Paired(BareLoop(train, val, seed=2, device=args.device))
         paired.on_train_start()
         for _ in range(args.epochs * -(-len(train) // BATCH_SIZE)):
             primary.step()
@@ -229,7 +240,7 @@ def measure(args: argparse.Namespace, tmp: Path, imports_rss_mib: float) -> list
     # The default K first (the ratio the issue's goal is about), then the others, K = 1 among them.
     for k in dict.fromkeys([cfg.train.steps_per_call, *args.steps_per_call]):
         k_cfg = replace(cfg, train=replace(cfg.train, steps_per_call=k))
-        paired = Paired(BareLoop(train, val, seed=1))
+        paired = Paired(BareLoop(train, val, seed=1, device=args.device))
         with tracking.pipeline_run(k_cfg) as run:
             result = fit(k_cfg, data, run.info.run_id, work_dir=tmp / f"checkpoints-{k}",
                          models_dir=tmp / f"models-{k}", history_file=tmp / f"history-{k}.csv",
@@ -263,9 +274,12 @@ def main() -> None:
     parser.add_argument("--synthetic", action="store_true", help="random images even if Fashion-MNIST is here")
     parser.add_argument("--steps-per-call", type=int, nargs="*", default=[1], metavar="K",
                         help="values of train.steps_per_call to pair besides the default (default: 1)")
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu",
+                        help="where both loops train (default cpu); gpu pairs them on the first GPU")
     parser.add_argument("--train-images", type=int, default=60_000,
                         help="train on at most this many images (default 60,000: all); for smoke tests")
     args = parser.parse_args()
+    args.device = "cuda" if args.accelerator == "gpu" else "cpu"
     imports_rss_mib = peak_rss_mib()
     set_up_process()  # as the train stage's command does
     with tempfile.TemporaryDirectory() as tmp:
