@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -43,3 +44,16 @@ def cli() -> Iterator[None]:
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as err:
+        if (fix := OS_ERROR_FIXES.get(err.errno)) is None:
+            raise
+        print(f"error: {err.filename or 'writing a file'}: {err.strerror}; {fix}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# The file-system errors a user fixes outside the code. Every output is written atomically, so
+# when one of these stops a stage nothing partial is left and a rerun starts clean.
+_NO_SPACE = "free some disk space (or raise the file-size limit) and rerun"
+_READ_ONLY = "make it writable for this user and rerun"
+OS_ERROR_FIXES = {errno.ENOSPC: _NO_SPACE, errno.EDQUOT: _NO_SPACE, errno.EFBIG: _NO_SPACE,
+                  errno.EROFS: _READ_ONLY, errno.EACCES: _READ_ONLY, errno.EPERM: _READ_ONLY}
