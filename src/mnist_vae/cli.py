@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sqlite3
 import sys
 import warnings
 from collections.abc import Iterator
@@ -44,10 +45,10 @@ def cli() -> Iterator[None]:
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except OSError as err:
-        if (fix := OS_ERROR_FIXES.get(err.errno)) is None:
+    except Exception as err:
+        if (line := _outside_error(err)) is None:
             raise
-        print(f"error: {err.filename or 'writing a file'}: {err.strerror}; {fix}", file=sys.stderr)
+        print(f"error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -57,3 +58,23 @@ _NO_SPACE = "free some disk space (or raise the file-size limit) and rerun"
 _READ_ONLY = "make it writable for this user and rerun"
 OS_ERROR_FIXES = {errno.ENOSPC: _NO_SPACE, errno.EDQUOT: _NO_SPACE, errno.EFBIG: _NO_SPACE,
                   errno.EROFS: _READ_ONLY, errno.EACCES: _READ_ONLY, errno.EPERM: _READ_ONLY}
+# What SQLite says for the same causes, under MLflow's, Optuna's and SQLAlchemy's wrappers.
+SQLITE_FIXES = {"disk I/O error": _NO_SPACE, "database or disk is full": _NO_SPACE,
+                "attempt to write a readonly database": _READ_ONLY,
+                "unable to open database file": "check that its folder exists and is writable, then rerun"}
+
+
+def _outside_error(err: BaseException) -> str | None:
+    """One line for a full disk or a read-only folder, wherever in the chain of causes it is;
+    None for anything else (a bug: its traceback is what a maintainer needs)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and (fix := OS_ERROR_FIXES.get(err.errno)):
+            return f"{err.filename or 'writing a file'}: {err.strerror}; {fix}"
+        if isinstance(err, sqlite3.Error):
+            reason = str(err).splitlines()[0]
+            if fix := SQLITE_FIXES.get(reason):
+                return f"a SQLite store (mlruns/ or sweeps/) cannot be written: {reason}; {fix}"
+        err = err.__cause__ or err.__context__
+    return None
