@@ -35,6 +35,9 @@ def set_up_process() -> None:
     # Lightning's banner ("GPU available: False", "TPU available", tips): not what a user needs.
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow logs the traceback of a SQLite error (a full disk) and then raises it again: the
+    # raised one reaches cli(), as one line for a full disk or its traceback for anything else.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 @contextmanager
