@@ -45,10 +45,10 @@ def run(cmd: list[str], cwd: Path, check: bool = True, env_extra: dict | None = 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A fresh git repo holding the project's pipeline, with tiny params, committed."""
-    return new_project(tmp_path)
+    return make_project(tmp_path)
 
 
-def new_project(tmp_path: Path) -> Path:
+def make_project(tmp_path: Path) -> Path:
     repo = tmp_path / "project"
     repo.mkdir()
     for name in ("pipeline", "src", ".dvc", "plots"):

@@ -23,14 +23,14 @@ from mnist_vae.data import load_split, to_float
 from mnist_vae.download import DataSource
 from mnist_vae.evaluate import load_vae
 
-from .conftest import BIN, artifact_paths, mlflow_runs, new_project, pipeline_runs, run
+from .conftest import BIN, artifact_paths, mlflow_runs, make_project, pipeline_runs, run
 
 N_IMAGES = 5
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    repo = new_project(tmp_path_factory.mktemp("serving"))
+    repo = make_project(tmp_path_factory.mktemp("serving"))
     # One system-metrics sample a second: the tiny training ends before MLflow's default 10 s.
     run(["dvc", "repro"], repo, env_extra={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
     return repo

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import sqlite3
 import sys
 import warnings
 from collections.abc import Iterator
@@ -36,6 +38,9 @@ def set_up_process() -> None:
     # Lightning's banner ("GPU available: False", "TPU available", tips): not what a user needs.
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow logs the traceback of a SQLite error (a full disk) and then raises it again: the
+    # raised one reaches cli(), as one line for a full disk or its traceback for anything else.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 # Torch's float sums depend on how many threads split them, and its default is every core, so
@@ -61,3 +66,36 @@ def cli() -> Iterator[None]:
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as err:
+        if (line := _outside_error(err)) is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# The file-system errors a user fixes outside the code. Every output is written atomically, so
+# when one of these stops a stage nothing partial is left and a rerun starts clean.
+_NO_SPACE = "free some disk space (or raise the file-size limit) and rerun"
+_READ_ONLY = "make it writable for this user and rerun"
+OS_ERROR_FIXES = {errno.ENOSPC: _NO_SPACE, errno.EDQUOT: _NO_SPACE, errno.EFBIG: _NO_SPACE,
+                  errno.EROFS: _READ_ONLY, errno.EACCES: _READ_ONLY, errno.EPERM: _READ_ONLY}
+# What SQLite says for the same causes, under MLflow's, Optuna's and SQLAlchemy's wrappers.
+SQLITE_FIXES = {"disk I/O error": _NO_SPACE, "database or disk is full": _NO_SPACE,
+                "attempt to write a readonly database": _READ_ONLY,
+                "unable to open database file": "check that its folder exists and is writable, then rerun"}
+
+
+def _outside_error(err: BaseException) -> str | None:
+    """One line for a full disk or a read-only folder, wherever in the chain of causes it is;
+    None for anything else (a bug: its traceback is what a maintainer needs)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and (fix := OS_ERROR_FIXES.get(err.errno)):
+            return f"{err.filename or 'writing a file'}: {err.strerror}; {fix}"
+        if isinstance(err, sqlite3.Error):
+            reason = str(err).splitlines()[0]
+            if fix := SQLITE_FIXES.get(reason):
+                return f"a SQLite store (mlruns/ or sweeps/) cannot be written: {reason}; {fix}"
+        err = err.__cause__ or err.__context__
+    return None

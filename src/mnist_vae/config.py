@@ -293,7 +293,20 @@ def load_config(path: Path | str, overrides: Mapping[str, Any] | None = None) ->
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise ConfigError(f"{path}: {missing[0]}{more} missing; every key must be set (the "
                           "project's params.yaml lists them all with their defaults)")
-    return from_dict(raw, source=str(path))
+    try:
+        return _build(Config, raw, prefix="")
+    except ConfigError as err:
+        raise ConfigError(_name_the_source(str(err), path, overrides or {})) from None
+
+
+def _name_the_source(message: str, path: Path, overrides: Mapping[str, Any]) -> str:
+    """"sweep.n_trials = 0; expected ..." as the user wrote it: a flag (--n-trials 0) when the
+    value came from one (flags are the keys with dashes), else the key in params.yaml."""
+    key, _, rest = message.partition(" = ")
+    if key in overrides and "; " in rest:
+        value, reason = rest.split("; ", 1)
+        return f"--{key.split('.', 1)[1].replace('_', '-')} {value}: {reason} (fix the flag)"
+    return f"{path}: {message} (fix it in {path} or with dvc exp run -S)"
 
 
 def _missing_keys(cls: type, raw: Mapping[str, Any], prefix: str) -> list[str]:

@@ -29,6 +29,9 @@ def load_split(split: str, data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
                             "or altered); run `dvc repro -f download` to fetch it again")
         arrays.append(parse_idx(raw, str(path)))
     images, labels = arrays
+    if len(images) != len(labels):
+        raise DataError(f"{data_dir}: {len(images)} {split} images but {len(labels)} labels; "
+                        "run `dvc repro -f download` to fetch the data again")
     return torch.from_numpy(images.reshape(len(images), -1).copy()), torch.from_numpy(labels.astype(np.int64))
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pickle
-import zipfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,22 +14,33 @@ from .data import to_float
 from .model import VAE, bernoulli_nll, iwae_nll, neg_elbo_terms
 
 
+class UnsafeCheckpointError(PipelineError):
+    """A file that would run pickled code if loaded without weights_only: never ignored."""
+
+
 def load_checkpoint(path: Path | str, keys: tuple[str, ...] = ("state_dict", "hyper_parameters")) -> dict:
     """A checkpoint's contents, loaded with weights_only=True: one carrying pickled code is
     refused, never run. Every way it can be wrong is one PipelineError naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise PipelineError(f"{path}: a directory, not a checkpoint file; pass a .ckpt file the "
+                            "train stage wrote, such as models/best.ckpt")
     if not path.is_file():
         raise PipelineError(f"{path}: no such checkpoint file; run `dvc repro train` first, or "
                             "pass a .ckpt file the train stage wrote")
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about unusual pickle protocols: noise here
+            warnings.simplefilter("ignore")
+            saved = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err):
-            raise PipelineError(f"{path}: refused, it holds more than tensors and plain values "
-                                "(pickled code); load only checkpoints you trust") from None
+        # weights_only names the blocked class ("GLOBAL posix.system") only for pickled code;
+        # random bytes or a text file fail on an opcode instead.
+        if "GLOBAL" in str(err):
+            raise UnsafeCheckpointError(f"{path}: refused, it holds more than tensors and plain "
+                                        "values (pickled code); load only checkpoints you trust") from None
         raise PipelineError(f"{path}: not a PyTorch checkpoint; pass a .ckpt file the train "
                             "stage wrote") from None
-    except (EOFError, RuntimeError, ValueError, OSError, zipfile.BadZipFile):
+    except Exception:  # noqa: BLE001  the unpickler of an arbitrary file fails in arbitrary ways
         raise PipelineError(f"{path}: empty, truncated or not a PyTorch checkpoint; pass a .ckpt "
                             "file the train stage wrote") from None
     if not isinstance(saved, dict) or not set(keys) <= saved.keys():
@@ -48,8 +59,11 @@ def load_vae(checkpoint: Path | str) -> VAE:
         vae = VAE(list(hp["hidden_dims"]), int(hp["latent_dim"]), variational=hp.get("kind", "vae") == "vae")
         vae.load_state_dict(weights)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        # load_state_dict's first line only says "Error(s) in loading"; the next names the tensor.
+        reason = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()),
+                      str(err).strip()).rstrip(".")
         raise PipelineError(f"{checkpoint}: its weights do not match its hyperparameters "
-                            f"({str(err).splitlines()[0]}); pass a .ckpt file the train stage wrote") from None
+                            f"({reason}); pass a .ckpt file the train stage wrote") from None
     return vae.eval()
 
 

@@ -53,5 +53,7 @@ class Paths:
     # Git-ignored, never DVC outputs: they must survive a crash and DVC's clean-up before a rerun.
     checkpoints = property(lambda self: self.root / "checkpoints")
     counterpart_checkpoints = property(lambda self: self.root / "checkpoints-counterpart")
+    # Beside checkpoints/, not in it: that folder is deleted while the lock is held.
+    train_lock = property(lambda self: self.root / ".train.lock")
     mlruns = property(lambda self: self.checkout / "mlruns")
     sweeps = property(lambda self: self.checkout / "sweeps")

@@ -30,6 +30,9 @@ from .paths import Paths
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "mnist-vae"
+# Set by the train stage once models/ is ready to publish: the training itself succeeded, even
+# if a later stage that reopened the run was killed and the run marked KILLED.
+TRAINING_FINISHED_TAG = "training.finished"
 
 
 def default_tracking_uri() -> str:
@@ -112,20 +115,31 @@ def pipeline_run(cfg: Config, resume_run_id: str | None = None) -> Iterator[mlfl
         yield run
 
 
-def write_run_file(run_file: Path, run_id: str) -> None:
-    write_json(run_file, {"run_id": run_id, "tracking_uri": tracking_uri()})
-
-
 @contextmanager
 def continue_run(run_file: Path) -> Iterator[mlflow.ActiveRun]:
-    """Reopen the run the train stage recorded (counterpart, evaluate and figures stages)."""
+    """Reopen the run the train stage recorded (counterpart, evaluate and figures stages), only
+    if its training finished. It ends FINISHED even if the stage fails: its status is the
+    training's, and a retry of the stage must find it so."""
     try:
         run_id = json.loads(run_file.read_text())["run_id"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise PipelineError(f"{run_file}: no MLflow run id ({err}); run `dvc repro train` first") from None
     close_dead_runs(use_experiment())
-    with mlflow.start_run(run_id=run_id, tags=process_tags()) as run:
+    try:
+        found = mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise PipelineError(f"{run_file}: MLflow run {run_id} is not in the store {tracking_uri()} "
+                            "(deleted or moved?); run `dvc repro -f train` to train and record "
+                            "a new run") from None
+    status = found.info.status
+    if status != "FINISHED" and found.data.tags.get(TRAINING_FINISHED_TAG) != "true":
+        raise PipelineError(f"{run_file}: MLflow run {run_id} is {status}, not FINISHED: its "
+                            "training did not complete; run `dvc repro -f train`")
+    run = mlflow.start_run(run_id=run_id, tags=process_tags())
+    try:
         yield run
+    finally:
+        mlflow.end_run("FINISHED")
 
 
 def log_data_source(source: DataSource, context: str) -> None:

@@ -12,25 +12,32 @@ train their share and return from `train_stage()` before anything is opened or w
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import io
 import json
 import logging
+import os
 import shutil
+import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import mlflow
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from . import served, tracking
-from .config import Config, TrainConfig
+from .cli import PipelineError
+from .config import Config, ConfigError, TrainConfig
 from .download import DataSource
+from .evaluate import UnsafeCheckpointError, load_checkpoint
 from .files import atomic_path, write_bytes, write_json
 from .lit import LitVAE, VaeDataModule
 from .paths import Paths
@@ -39,6 +46,7 @@ from .snapshots import EpochImages
 log = logging.getLogger(__name__)
 
 RESUME_FILE = "resume.json"
+TRAINING_FINISHED_TAG = tracking.TRAINING_FINISHED_TAG
 
 
 @dataclass
@@ -46,6 +54,7 @@ class FitResult:
     best_checkpoint: Path
     history: list[dict[str, float]]  # one row per epoch: epoch, train_loss, val_* metrics
     monitor: str = "val_neg_elbo"  # what "best" means: val_recon for the AE
+    history_csv: bytes = b""  # the history as metrics/train_history.csv holds it
 
     @property
     def best(self) -> dict[str, float]:
@@ -75,11 +84,14 @@ class History(L.Callback):
                               **{k: float(v) for k, v in sorted(trainer.callback_metrics.items())}})
 
     def write_csv(self, path: Path) -> None:
+        write_bytes(path, self.csv_bytes())
+
+    def csv_bytes(self) -> bytes:
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=list(self.rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows)
-        write_bytes(path, text.getvalue().encode())
+        return text.getvalue().encode()
 
 
 class EpochMetricsLogger(L.Callback):
@@ -156,6 +168,7 @@ def fit(cfg: Config, data: VaeDataModule, run_id: str | None = None, *, work_dir
     result = FitResult(Path(best.best_model_path), history.rows, module.monitor)
     if not trainer.is_global_zero:  # under DDP, rank 0 alone writes (Lightning's checkpoints too)
         return result
+    result.history_csv = history.csv_bytes()
     if models_dir is not None:
         for name in ("best.ckpt", "last.ckpt"):
             with atomic_path(Path(models_dir) / name) as tmp:
@@ -202,49 +215,100 @@ class Interrupted:
 
 def find_interrupted(fingerprint: str, work_dir: Path) -> Interrupted | None:
     """The training that a crash cut short, if it trained this very config on this data."""
+    checkpoint = work_dir / "last.ckpt"
     try:
         state = json.loads((work_dir / RESUME_FILE).read_text())
-        checkpoint = work_dir / "last.ckpt"
-        epoch = torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"]
-    except (OSError, ValueError, KeyError, RuntimeError, EOFError):
+        epoch = load_checkpoint(checkpoint, keys=("epoch",))["epoch"]
+    except UnsafeCheckpointError:
+        raise PipelineError(f"{checkpoint}: refused to resume from it, it holds pickled code (this "
+                            f"pipeline never writes that); delete {work_dir} to train from scratch") from None
+    except (OSError, ValueError, PipelineError):
         return None
-    if state["fingerprint"] != fingerprint:
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint or "run_id" not in state:
         log.info("an interrupted training in %s had other params or data: starting fresh", work_dir)
         return None
     return Interrupted(state["run_id"], checkpoint, epoch)
 
 
+@contextmanager
+def training_lock(lock_file: Path) -> Iterator[None]:
+    """One training per checkout. flock, not a pid file: the kernel releases it when its holder
+    dies however it dies, so a killed training never blocks the next one and a live one is never
+    taken over. The file holds who owns it, for the error message."""
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process"
+            raise PipelineError(f"another training is running in this checkout ({owner}, holding "
+                                f"{lock_file}); wait for it to end or stop it, then rerun") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode(), 0)
+        yield
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def check_accelerator(name: str) -> None:
+    """Before a run opens: Lightning finds a missing GPU only once the Trainer is built."""
+    available = {"cuda": CUDAAccelerator.is_available(), "mps": MPSAccelerator.is_available()}
+    available["gpu"] = available["cuda"] or available["mps"]
+    if not available.get(name, True):
+        raise ConfigError(f"params.yaml: train.accelerator = {name!r}, but this machine has no "
+                          "such device; set train.accelerator: auto (or cpu)")
+
+
 def train_stage(cfg: Config, paths: Paths) -> FitResult:
     """Fit into paths.models within a new pipeline MLflow run, or resume the interrupted
     training of this same config and data in its own run. The run file, models/, the history
-    and metrics/train.json are written together at the end, so they always name one run."""
+    and metrics/train.json are published together once the run has ended FINISHED, so they
+    always name one run; a failed training changes none of them."""
+    check_accelerator(cfg.train.accelerator)
     data = VaeDataModule(cfg.data, cfg.train, paths.data)
     data.setup()  # reads and verifies the data before a run is opened
     source = DataSource.read(paths.data)
     key = fingerprint(cfg, source)
-    interrupted = find_interrupted(key, paths.checkpoints)
     if global_rank(cfg.train) != 0:
         # A DDP rank besides 0: it trains its share beside rank 0 (resuming from the same
-        # checkpoint), and opens no run and writes nothing; rank 0 does all of that.
+        # checkpoint), and takes no lock, opens no run and writes nothing; rank 0 does all that.
+        interrupted = find_interrupted(key, paths.checkpoints)
         return fit(cfg, data, work_dir=paths.checkpoints, progress=False,
                    resume_from=interrupted and interrupted.checkpoint)
-    with tracking.pipeline_run(cfg, resume_run_id=interrupted and interrupted.run_id) as run:
-        if interrupted:
-            log.info("resuming MLflow run %s after epoch %d", run.info.run_id, interrupted.epoch)
-            mlflow.set_tag("resumed_from_epoch", interrupted.epoch)
-        else:
-            shutil.rmtree(paths.checkpoints, ignore_errors=True)
-            write_json(paths.checkpoints / RESUME_FILE, {"run_id": run.info.run_id, "fingerprint": key})
-            tracking.log_data_source(source, context="training")
-            mlflow.log_artifact(str(paths.params))
-        every = cfg.train.images_every_epochs
-        result = fit(cfg, data, run.info.run_id, work_dir=paths.checkpoints, models_dir=paths.models,
-                     history_file=paths.history, resume_from=interrupted and interrupted.checkpoint,
-                     callbacks=[EpochImages(run.info.run_id, every)] if every else [])
-        tracking.log_results(result.summary())
-        mlflow.log_artifact(str(result.best_checkpoint), "checkpoints")
-        served.log_model(result.best_checkpoint, cfg.model.kind, data.splits["val"][0][:5].cpu().numpy())
-        tracking.write_run_file(paths.run_file, run.info.run_id)
-    write_json(paths.metrics / "train.json", result.summary())
+    with training_lock(paths.train_lock), ExitStack() as publish:
+        interrupted = find_interrupted(key, paths.checkpoints)
+        with tracking.pipeline_run(cfg, resume_run_id=interrupted and interrupted.run_id) as run:
+            if interrupted:
+                log.info("resuming MLflow run %s after epoch %d", run.info.run_id, interrupted.epoch)
+                mlflow.set_tag("resumed_from_epoch", interrupted.epoch)
+            else:
+                shutil.rmtree(paths.checkpoints, ignore_errors=True)
+                write_json(paths.checkpoints / RESUME_FILE, {"run_id": run.info.run_id, "fingerprint": key})
+                tracking.log_data_source(source, context="training")
+                mlflow.log_artifact(str(paths.params))
+            every = cfg.train.images_every_epochs
+            result = fit(cfg, data, run.info.run_id, work_dir=paths.checkpoints,
+                         resume_from=interrupted and interrupted.checkpoint,
+                         callbacks=[EpochImages(run.info.run_id, every)] if every else [])
+            tracking.log_results(result.summary())
+            mlflow.log_artifact(str(result.best_checkpoint), "checkpoints")
+            served.log_model(result.best_checkpoint, cfg.model.kind, data.splits["val"][0][:5].cpu().numpy())
+            # Every output written beside its place first (a full disk fails here, the run
+            # FAILED); renamed into place only after the run has ended FINISHED.
+            run_file = {"run_id": run.info.run_id, "tracking_uri": tracking.tracking_uri()}
+            staged: dict[Path, bytes | Path] = {  # the run file last to be renamed into place
+                paths.run_file: (json.dumps(run_file, indent=2) + "\n").encode(),
+                paths.metrics / "train.json": (json.dumps(result.summary(), indent=2) + "\n").encode(),
+                paths.history: result.history_csv,
+                **{paths.models / name: paths.checkpoints / name for name in ("best.ckpt", "last.ckpt")}}
+            for path, content in staged.items():
+                tmp = publish.enter_context(atomic_path(path))
+                if isinstance(content, Path):
+                    shutil.copyfile(content, tmp)
+                else:
+                    tmp.write_bytes(content)
+            mlflow.set_tag(TRAINING_FINISHED_TAG, "true")
+        result.best_checkpoint = paths.models / "best.ckpt"
     shutil.rmtree(paths.checkpoints)  # finished: nothing left to resume
     return result
