@@ -14,7 +14,7 @@ from mnist_vae.cli import cli
 from mnist_vae.config import ConfigError, SweepConfig, load_config
 from mnist_vae.download import SOURCE_FILE
 from mnist_vae.paths import Paths
-from mnist_vae.sweep import run_sweep
+from mnist_vae.sweep import check_storage, run_sweep, storage_url
 
 
 def parse_overrides(argv: list[str] | None = None) -> dict:
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.model.kind != "vae":
         raise ConfigError("params.yaml: model.kind = 'ae'; the sweep tunes a VAE (its kl_weight and "
                           "ELBO), set model.kind: vae")
+    check_storage(storage_url(cfg.sweep.storage))  # a missing driver: before any download
     if not (paths.data / SOURCE_FILE).exists():
         subprocess.run(["dvc", "repro", "download"], cwd=paths.root, check=True)
     run_sweep(cfg)

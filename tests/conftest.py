@@ -45,7 +45,10 @@ def run(cmd: list[str], cwd: Path, check: bool = True, env_extra: dict | None = 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A fresh git repo holding the project's pipeline, with tiny params, committed."""
-    repo = tmp_path / "project"
+    return make_project(tmp_path / "project")
+
+
+def make_project(repo: Path) -> Path:
     repo.mkdir()
     for name in ("pipeline", "src", ".dvc"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns(
