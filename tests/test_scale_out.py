@@ -203,8 +203,8 @@ def test_a_dead_server_is_one_line_within_30_s(project):
     # MLflow's own retries take ~4 minutes; ours ~5 s, plus up to ~30 s to import torch and read
     # the data on a busy 2-core machine.
     assert time.monotonic() - started < 50
-    assert result.returncode == 2
-    (line,) = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]  # after the data's own notes
     assert line.startswith("error: MLflow tracking store http://127.0.0.1:") and "does not answer" in line
 
 
@@ -222,10 +222,6 @@ def test_pipeline_on_a_server_then_shared_through_a_dvc_remote(project, tracking
     assert client.get_run(run_id).info.status == "FINISHED"
     assert len(client.get_metric_history(run_id, "test_iwae_nll")) == 1
 
-    # Without the variable, evaluate reopens the run on the server the train stage used.
-    run(["dvc", "repro", "-f", "-s", "evaluate"], project)
-    assert len(client.get_metric_history(run_id, "test_iwae_nll")) == 2
-    assert not (project / "mlruns").exists()
     # Pointing at another store: one line naming the store that holds the run.
     other = run(["dvc", "repro", "-f", "-s", "evaluate"], project, check=False,
                 env_extra={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'other.db'}"})
@@ -233,6 +229,10 @@ def test_pipeline_on_a_server_then_shared_through_a_dvc_remote(project, tracking
     assert (f"MLflow run {run_id} is in the store {tracking_server}, but MLFLOW_TRACKING_URI names "
             f"sqlite:///{tmp_path / 'other.db'}; unset it or set it to {tracking_server}") in other.stderr
 
+    # Without the variable, evaluate reopens the run on the server the train stage used.
+    run(["dvc", "repro", "-f", "-s", "evaluate"], project)
+    assert len(client.get_metric_history(run_id, "test_iwae_nll")) == 2
+    assert not (project / "mlruns").exists()  # no stray local store
     # A second machine: clone, pull, and nothing to recompute.
     remote = tmp_path / "dvc-remote"
     run(["dvc", "remote", "add", "-d", "shared", str(remote)], project)
