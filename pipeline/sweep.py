@@ -14,7 +14,7 @@ from mnist_vae.cli import cli
 from mnist_vae.config import ConfigError, SweepConfig, load_config
 from mnist_vae.download import SOURCE_FILE
 from mnist_vae.paths import Paths
-from mnist_vae.sweep import run_sweep, storage_url
+from mnist_vae.sweep import check_storage, run_sweep
 
 
 def parse_overrides(argv: list[str] | None = None) -> dict:
@@ -38,23 +38,12 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"params.yaml: train.devices * train.num_nodes = {devices}; the sweep trains "
                           "each trial on one device (run trials in parallel with --workers N), set "
                           "train.devices: 1 and train.num_nodes: 1")
+    # A bad URL or a missing driver: one line, before any download.
     check_storage(cfg.sweep.storage, "--storage" if "sweep.storage" in overrides else
                   f"{paths.params.name}: sweep.storage =")
     if not (paths.data / SOURCE_FILE).exists():
         subprocess.run(["dvc", "repro", "download"], cwd=paths.root, check=True)
     run_sweep(cfg)
-
-
-def check_storage(url: str, named: str) -> None:
-    """Connect once before any trial, so a bad URL is one line rather than a traceback."""
-    import sqlalchemy
-
-    try:
-        sqlalchemy.create_engine(storage_url(url)).connect().close()
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as err:  # unknown scheme, no driver, no server
-        reason = str(err).splitlines()[0]
-        raise ConfigError(f"{named} {url!r}: cannot open this Optuna storage ({reason}); use "
-                          "sqlite:///sweeps/optuna.db or a reachable postgresql:// or mysql:// URL") from None
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ def tiny_params(**overrides: dict) -> dict:
 
 def run(cmd: list[str], cwd: Path, check: bool = True, env_extra: dict | None = None,
         **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env_extra or {})}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the project's own store, unless env_extra names one
+    env.update(env_extra or {})
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
@@ -45,11 +46,10 @@ def run(cmd: list[str], cwd: Path, check: bool = True, env_extra: dict | None = 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A fresh git repo holding the project's pipeline, with tiny params, committed."""
-    return make_project(tmp_path)
+    return make_project(tmp_path / "project")
 
 
-def make_project(tmp_path: Path) -> Path:
-    repo = tmp_path / "project"
+def make_project(repo: Path) -> Path:
     repo.mkdir()
     for name in ("pipeline", "src", ".dvc", "plots"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns(

@@ -20,7 +20,7 @@ Most cases share one trained tiny project (module scope): each one that changes 
 | a second training while one is alive | `error: another training is running in this checkout (pid P on host H, ...)` |
 | `python pipeline/evaluate.py` after `rm -rf mlruns` | `error: models/mlflow_run.json: MLflow run ID is not in the store ...` |
 | evaluate on a run that is not FINISHED | `error: models/mlflow_run.json: MLflow run ID is FAILED, not FINISHED: ...` |
-| `--n-trials 0`, `--storage foo://bar` | `error: --n-trials 0: expected an integer >= 1 (fix the flag)` / `error: --storage 'foo://bar': cannot open ...` |
+| `--n-trials 0`, `--storage foo://bar` | `error: --n-trials 0: expected an integer >= 1 (fix the flag)` / `error: --storage foo://bar: not a database URL ...` |
 | `download` with `source: local` and 4,493 labels for 4,500 images | `error: DIR: 4500 train images but labels of shape (4493,); ...` |
 """
 
@@ -58,7 +58,7 @@ OUTPUTS = ("models/best.ckpt", "models/last.ckpt", "models/mlflow_run.json",
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """One project through `dvc repro`: the previous, good run that no failure may touch."""
-    project = make_project(tmp_path_factory.mktemp("hardening"))
+    project = make_project(tmp_path_factory.mktemp("hardening") / "project")
     run(["dvc", "repro"], project)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "trained"], project)
@@ -428,7 +428,7 @@ def test_download_from_a_local_folder_with_missing_labels(project, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--n-trials", "0"], "--n-trials 0: expected an integer >= 1 (fix the flag)"),
     (["--storage", "foo"], "--storage 'foo': expected an Optuna storage URL such as sqlite:///sweeps/optuna.db (fix the flag)"),
-    (["--storage", "foo://bar"], "--storage 'foo://bar': cannot open this Optuna storage (Can't load plugin: sqlalchemy.dialects:foo); use sqlite:///sweeps/optuna.db or a reachable postgresql:// or mysql:// URL"),
+    (["--storage", "foo://bar"], "--storage foo://bar: not a database URL (Can't load plugin: sqlalchemy.dialects:foo); expected e.g. sqlite:///sweeps/optuna.db, postgresql://user:pass@host/db or grpc://host:port"),
 ])
 def test_sweep_flag_errors_name_the_flag(trained, flags, message):
     result = run([sys.executable, "pipeline/sweep.py", *flags], trained, check=False)

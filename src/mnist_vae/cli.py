@@ -22,6 +22,11 @@ def set_up_process() -> None:
     # Like DVC's analytics (off in .dvc/config): no phoning home from offline machines.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MPLBACKEND", "Agg")  # files only; no display on CI or servers
+    # MLflow retries a request 7 times with exponential backoff (~4 minutes) before it gives up on a
+    # dead tracking server; 3 tries, 1 s apart, 10 s each, say so within ~30 s.
+    for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                       ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")):
+        os.environ.setdefault(key, value)
     # `import lightning` sets this (the stage has imported it by now); on a CUDA build without a
     # GPU it makes every optimizer step query NVML (~43 us) instead of using the cached answer.
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)

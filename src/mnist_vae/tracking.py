@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,10 @@ EXPERIMENT = "mnist-vae"
 # Set by the train stage once models/ is ready to publish: the training itself succeeded, even
 # if a later stage that reopened the run was killed and the run marked KILLED.
 TRAINING_FINISHED_TAG = "training.finished"
+HEARTBEAT_TAG = "process.heartbeat"  # unix seconds, set when a run opens and after every epoch
+# A RUNNING run whose heartbeat is older than this is a dead machine's: ten epochs of full MNIST
+# on a slow CPU, or an evaluate stage, take less.
+DEAD_AFTER_S = 15 * 60
 
 
 def default_tracking_uri() -> str:
@@ -43,15 +48,23 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-def use_experiment(name: str = EXPERIMENT) -> str:
-    """Point MLflow at the project's store (before any other MLflow call: MLflow 3's own default
-    is ./mlflow.db in the current directory) and return the experiment's id, creating it."""
-    uri = tracking_uri()
+def use_experiment(name: str = EXPERIMENT, uri: str | None = None) -> str:
+    """Point MLflow at the project's store, or `uri` (before any other MLflow call: MLflow 3's own
+    default is ./mlflow.db in the current directory) and return the experiment's id, creating it.
+    The store's kind follows the URI's scheme: a `sqlite:` file is ours to create (locked, its
+    artifacts beside it); anything else (`http(s):`, a database) is a server's, which makes its
+    schema and artifact root itself."""
+    uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
-    if uri != default_tracking_uri():  # a server: it creates its schema and artifact root itself
-        return _get_or_create_experiment(name, artifact_location=None)
-    store = Paths.of().mlruns
-    store.mkdir(exist_ok=True)
+    if not uri.startswith("sqlite:"):
+        try:
+            return _get_or_create_experiment(name, artifact_location=None)
+        except mlflow.exceptions.MlflowException as err:
+            first = str(err).strip().splitlines()[0][:200]
+            raise PipelineError(f"MLflow tracking store {uri} does not answer ({first}); start the "
+                                "server, or set MLFLOW_TRACKING_URI to one that runs") from None
+    store = Path(uri.removeprefix("sqlite:///")).resolve().parent
+    store.mkdir(parents=True, exist_ok=True)
     # Two stages starting at once (`dvc queue start -j 2`) would both create the SQLite schema;
     # the loser's migration fails. One at a time, the second finds it made.
     with FileLock(store / ".create.lock"):
@@ -70,21 +83,27 @@ def _get_or_create_experiment(name: str, artifact_location: str | None) -> str:
 
 def process_tags() -> dict[str, str]:
     """Who holds the run open: lets a later start tell a crashed run from a live one."""
-    tags = {"process.host": socket.gethostname(), "process.pid": str(os.getpid())}
+    tags = {"process.host": socket.gethostname(), "process.pid": str(os.getpid()),
+            HEARTBEAT_TAG: str(int(time.time()))}
     if exp_name := os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = exp_name
     return tags
 
 
 def close_dead_runs(experiment: str) -> None:
-    """Mark KILLED the runs left RUNNING by a process of this host that no longer exists."""
+    """Mark KILLED the runs left RUNNING by a dead process: one of this host that no longer
+    exists, or one on any machine whose heartbeat is older than DEAD_AFTER_S."""
     client = mlflow.MlflowClient()
+    now = time.time()
     for run in client.search_runs([experiment], "attributes.status = 'RUNNING'"):
         tags = run.data.tags
-        if tags.get("process.host") == socket.gethostname() and not _alive(int(tags.get("process.pid", 0))):
+        dead_here = tags.get("process.host") == socket.gethostname() and not _alive(int(tags.get("process.pid", 0)))
+        silent_s = now - float(tags.get(HEARTBEAT_TAG, now))
+        if dead_here or silent_s > DEAD_AFTER_S:
             client.set_terminated(run.info.run_id, status="KILLED")
-            log.warning("MLflow run %s was left RUNNING by a dead process: marked KILLED",
-                        run.info.run_id)
+            why = "a dead process" if dead_here else \
+                f"{tags.get('process.host', 'a machine')}, silent for {silent_s / 60:.0f} min"
+            log.warning("MLflow run %s was left RUNNING by %s: marked KILLED", run.info.run_id, why)
 
 
 def _alive(pid: int) -> bool:
@@ -117,18 +136,23 @@ def pipeline_run(cfg: Config, resume_run_id: str | None = None) -> Iterator[mlfl
 
 @contextmanager
 def continue_run(run_file: Path) -> Iterator[mlflow.ActiveRun]:
-    """Reopen the run the train stage recorded (counterpart, evaluate and figures stages), only
-    if its training finished. It ends FINISHED even if the stage fails: its status is the
-    training's, and a retry of the stage must find it so."""
+    """Reopen the run the train stage recorded (counterpart, evaluate and figures stages), in the
+    store the train stage used, only if its training finished. It ends FINISHED even if the stage
+    fails: its status is the training's, and a retry of the stage must find it so."""
     try:
-        run_id = json.loads(run_file.read_text())["run_id"]
+        recorded = json.loads(run_file.read_text())
+        run_id = recorded["run_id"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise PipelineError(f"{run_file}: no MLflow run id ({err}); run `dvc repro train` first") from None
-    close_dead_runs(use_experiment())
+    uri = recorded.get("tracking_uri") or tracking_uri()
+    if (env := os.environ.get("MLFLOW_TRACKING_URI")) and env != uri:
+        raise PipelineError(f"{run_file}: MLflow run {run_id} is in the store {uri}, but "
+                            f"MLFLOW_TRACKING_URI names {env}; unset it or set it to {uri}")
+    close_dead_runs(use_experiment(uri=uri))
     try:
         found = mlflow.MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        raise PipelineError(f"{run_file}: MLflow run {run_id} is not in the store {tracking_uri()} "
+        raise PipelineError(f"{run_file}: MLflow run {run_id} is not in the store {uri} "
                             "(deleted or moved?); run `dvc repro -f train` to train and record "
                             "a new run") from None
     status = found.info.status

@@ -110,6 +110,8 @@ class EpochMetricsLogger(L.Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         mlflow.log_metrics(metrics, step=trainer.current_epoch, run_id=self.run_id)
+        # A sign of life that any machine can read: tracking.close_dead_runs.
+        mlflow.MlflowClient().set_tag(self.run_id, tracking.HEARTBEAT_TAG, str(int(time.time())))
 
 
 class EpochLines(L.Callback):
