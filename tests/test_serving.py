@@ -31,8 +31,9 @@ N_IMAGES = 5
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     repo = make_project(tmp_path_factory.mktemp("serving") / "project")
-    # One system-metrics sample a second: the tiny training ends before MLflow's default 10 s.
-    run(["dvc", "repro"], repo, env_extra={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
+    # A system-metrics sample every 0.2 s: the tiny training ends before MLflow's default 10 s.
+    run(["dvc", "repro"], repo, env_extra={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2",
+                                          "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1"})
     return repo
 
 

@@ -329,16 +329,19 @@ def summarise(snapshot: optuna.Study, cfg: Config, out_dir: Path, parent_run_id:
     client = mlflow.MlflowClient()
     trials = snapshot.trials
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    # Step: the trials finished so far, so that machines summarising one after another log a series.
+    # Step: the trials finished so far, so that machines summarising one after another log a
+    # series; a machine that finds this step logged already (another saw the same trials) skips it.
     step = sum(t.state.is_finished() for t in trials)
     numbers = {"trials_complete": len(complete), "trials_total": len(trials)}
-    if not complete:
+    if complete:
+        numbers["best_val_neg_elbo"] = snapshot.best_trial.value
+    if step not in {m.step for m in client.get_metric_history(parent_run_id, "trials_total")}:
         client.log_batch(parent_run_id, metrics=_metrics(numbers, step))
+    if not complete:
         log.warning("no trial completed; nothing to summarise")
         return
     best_trial = snapshot.best_trial
     best = best_params(snapshot)
-    client.log_batch(parent_run_id, metrics=_metrics({**numbers, "best_val_neg_elbo": best_trial.value}, step))
     write_bytes(out_dir / "best_params.yaml", yaml.safe_dump(best, sort_keys=False).encode())
     if to_parent:
         # Tags, not params: the best trial changes as a resumed study grows.
