@@ -174,11 +174,31 @@ def fit(cfg: Config, data: VaeDataModule, run_id: str | None = None, *, work_dir
     if models_dir is not None:
         for name in ("best.ckpt", "last.ckpt"):
             with atomic_path(Path(models_dir) / name) as tmp:
-                shutil.copyfile(Path(work_dir) / name, tmp)
+                copy_checkpoint(Path(work_dir) / name, tmp)
         result.best_checkpoint = Path(models_dir) / "best.ckpt"
     if history_file is not None:
         history.write_csv(history_file)
     return result
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """A copy that hashes the same in every clone for the same weights (dvc.lock records the
+    hash): the callback states name the checkpoint folder by its name alone, not the absolute
+    path Lightning records."""
+    folder = str(Path(src).parent.resolve())
+
+    def relative(value):
+        if isinstance(value, str):
+            return value.replace(folder, Path(folder).name)
+        if isinstance(value, dict):
+            return {relative(k): relative(v) for k, v in value.items()}
+        return value
+
+    saved = torch.load(src, map_location="cpu", weights_only=True)
+    saved["callbacks"] = relative(saved.get("callbacks", {}))
+    buffer = io.BytesIO()  # torch.save names the zip's folder after the file: the temp name here
+    torch.save(saved, buffer)
+    Path(dst).write_bytes(buffer.getvalue())
 
 
 def _devices(train: TrainConfig) -> dict:
@@ -307,7 +327,7 @@ def train_stage(cfg: Config, paths: Paths) -> FitResult:
             for path, content in staged.items():
                 tmp = publish.enter_context(atomic_path(path))
                 if isinstance(content, Path):
-                    shutil.copyfile(content, tmp)
+                    copy_checkpoint(content, tmp)
                 else:
                     tmp.write_bytes(content)
             mlflow.set_tag(TRAINING_FINISHED_TAG, "true")
