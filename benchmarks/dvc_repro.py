@@ -71,7 +71,7 @@ def timed_repro(repo: Path, env: dict[str, str], targets: list[str]) -> tuple[fl
     if proc.returncode != 0:
         raise SystemExit(f"dvc repro -f exited {proc.returncode}:\n{''.join(output[-30:])}")
     ends = [t for _, t in marks[1:]] + [started + total]
-    return total, {stage: end - begin for (stage, begin), end in zip(marks, ends)}
+    return total, {stage: end - begin for (stage, begin), end in zip(marks, ends, strict=True)}
 
 
 def peak_rss_mib(cmd: list[str], repo: Path, env: dict[str, str]) -> tuple[float, float]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import pickle
 import re
 import resource
 import shutil

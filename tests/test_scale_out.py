@@ -90,7 +90,8 @@ def tracking_server(postgres, tmp_path_factory) -> Iterator[str]:
     proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"{postgres}/mlflow",
                              "--artifacts-destination", artifacts.as_uri(), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -136,7 +137,7 @@ def test_two_machines_share_one_study(tmp_path, postgres, tracking_server, grpc_
     # Both at the same moment, on an empty database: one creates the schema and the study.
     procs = [start_sweep(repo, storage, tracking_server, "--n-trials", "2") for repo in machines]
     outs = [proc.communicate(timeout=400) for proc in procs]
-    for proc, (out, err) in zip(procs, outs):
+    for proc, (out, err) in zip(procs, outs, strict=True):
         assert proc.returncode == 0, f"{out}\n{err}"
 
     study = optuna.load_study(study_name="mnist-vae", storage=storage)
@@ -158,7 +159,7 @@ def test_two_machines_share_one_study(tmp_path, postgres, tracking_server, grpc_
     assert [m.step for m in logged] == sorted(m.step for m in logged)
     assert len({m.step: m.value for m in logged}) == len({(m.step, m.value) for m in logged})
     # Each machine's rerun line and best_params.yaml name one trial, with only the tuned keys.
-    for repo, (out, _) in zip(machines, outs):
+    for repo, (out, _) in zip(machines, outs, strict=True):
         written = yaml.safe_load((repo / "sweeps" / "best_params.yaml").read_text())
         assert list(written) == ["model"]
         assert any(written["model"] == {"latent_dim": t.params["latent_dim"], "kl_weight": t.params["kl_weight"],

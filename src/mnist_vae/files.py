@@ -3,6 +3,7 @@ looks complete (DVC would cache it, the next stage would trust it)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
@@ -34,3 +35,13 @@ def write_bytes(path: Path | str, data: bytes) -> None:
 
 def write_json(path: Path | str, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """torch.save's bytes, the same wherever they are written: saved to a path, torch names the
+    zip's inner folder after the file (a random temp name here), so equal content hashed unequal."""
+    import torch  # here, not at the top: the download stage uses this module without torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()

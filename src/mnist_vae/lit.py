@@ -107,7 +107,7 @@ class LitVAE(L.LightningModule):
         # K = 1 updates: same mini-batches in the same order, the same optimizer calls.
         optimizer = self.optimizers()
         step_size = self.hparams.batch_size or len(batch[0])
-        for images, labels in zip(batch[0].split(step_size), batch[1].split(step_size)):
+        for images, labels in zip(batch[0].split(step_size), batch[1].split(step_size), strict=True):
             loss = self._common_step((images, labels), "train")
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(

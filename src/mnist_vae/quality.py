@@ -18,7 +18,7 @@ from .cli import PipelineError
 from .config import ClassifierConfig
 from .data import to_float
 from .evaluate import load_checkpoint
-from .files import atomic_path
+from .files import torch_bytes, write_bytes
 from .model import IMAGE_PIXELS, VAE, mlp
 
 N_CLASSES = 10
@@ -54,8 +54,7 @@ def accuracy(model: Classifier, x: Tensor, labels: Tensor) -> float:
 
 
 def save_classifier(model: Classifier, hidden_dims: list[int], path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"hidden_dims": hidden_dims, "state_dict": model.state_dict()}, tmp)
+    write_bytes(path, torch_bytes({"hidden_dims": hidden_dims, "state_dict": model.state_dict()}))
 
 
 def load_classifier(path: Path) -> Classifier:

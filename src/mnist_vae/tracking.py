@@ -25,7 +25,6 @@ from mlflow.data.sources import LocalArtifactDatasetSource
 from .cli import PipelineError
 from .config import Config
 from .download import DataSource
-from .files import write_json
 from .paths import Paths
 
 log = logging.getLogger(__name__)

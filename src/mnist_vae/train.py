@@ -38,7 +38,7 @@ from .cli import PipelineError
 from .config import Config, ConfigError, TrainConfig
 from .download import DataSource
 from .evaluate import UnsafeCheckpointError, load_checkpoint
-from .files import atomic_path, write_bytes, write_json
+from .files import atomic_path, torch_bytes, write_bytes, write_json
 from .lit import LitVAE, VaeDataModule
 from .paths import Paths
 from .snapshots import EpochImages
@@ -196,9 +196,7 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
 
     saved = torch.load(src, map_location="cpu", weights_only=True)
     saved["callbacks"] = relative(saved.get("callbacks", {}))
-    buffer = io.BytesIO()  # torch.save names the zip's folder after the file: the temp name here
-    torch.save(saved, buffer)
-    Path(dst).write_bytes(buffer.getvalue())
+    Path(dst).write_bytes(torch_bytes(saved))
 
 
 def _devices(train: TrainConfig) -> dict:
