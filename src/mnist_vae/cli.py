@@ -46,6 +46,12 @@ def set_up_process() -> None:
     # MLflow logs the traceback of a SQLite error (a full disk) and then raises it again: the
     # raised one reaches cli(), as one line for a full disk or its traceback for anything else.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    # MLflow's notes on its own workings (the system-metrics thread starting and stopping, that a
+    # pyfunc is cloudpickled, where the registry found the logged model) and its download bar.
+    for name in ("mlflow.system_metrics", "mlflow.pyfunc", "mlflow.models",
+                 "mlflow.tracking._model_registry"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 # Torch's float sums depend on how many threads split them, and its default is every core, so

@@ -127,5 +127,11 @@ def collapse_warning(metrics: dict[str, float]) -> str | None:
 def format_metrics(metrics: dict[str, float]) -> str:
     """Aligned `name  value` lines, for people (metrics/evaluate.json is for programs)."""
     width = max(map(len, metrics))
-    return "\n".join(f"{name:<{width}}  {value:.4g}" if isinstance(value, float) else
-                     f"{name:<{width}}  {value}" for name, value in metrics.items())
+    return "\n".join(f"{name:<{width}}  {_shown(value)}" for name, value in metrics.items())
+
+
+def _shown(value: float) -> str:
+    # nats to two decimals (runs differ by tenths), fractions and accuracies to four
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.2f}" if abs(value) >= 10 else f"{value:.4f}"
