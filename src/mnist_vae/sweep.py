@@ -45,13 +45,14 @@ PARENT_WAIT_S = 60  # how long a joining machine waits for the study's creator t
 
 
 def storage_url(url: str) -> str:
-    """Resolve a relative SQLite path from the checkout, as the MLflow store is."""
+    """Resolve a relative SQLite path from the checkout, as the MLflow store is, and make the
+    SQLite file's folder (SQLite creates the file, not its folder)."""
     prefix = "sqlite:///"
-    if url.startswith(prefix) and not url[len(prefix):].startswith("/"):
-        path = Paths.of().checkout / url[len(prefix):]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return prefix + str(path)
-    return url
+    if not url.startswith(prefix):
+        return url
+    path = Paths.of().checkout / url[len(prefix):]  # an absolute path stays itself
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return prefix + str(path)
 
 
 def _kill_child_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
