@@ -62,6 +62,21 @@ def test_killed_training_resumes_the_same_run(project):
     assert not (project / "checkpoints").exists()
 
 
+def test_a_killed_autoencoder_resumes_with_one_value_per_epoch(project):
+    # The AE logs no val_neg_elbo: a resume must not re-log an epoch of what it does log.
+    set_params(project, model={"kind": "ae", "hidden_dims": [256, 128]},
+               train={"max_epochs": 6, "batch_size": 32})
+    run(["dvc", "repro", "download"], project)
+    proc = start([sys.executable, "pipeline/train.py"], project)
+    kill_when(proc, lambda: finished_epochs(project / "checkpoints" / "last.ckpt") >= 2)
+    run([sys.executable, "pipeline/train.py"], project)
+    (only,) = pipeline_runs(project)
+    assert only.info.status == "FINISHED" and int(only.data.tags["resumed_from_epoch"]) >= 1
+    for key in ("train_loss", "val_loss", "val_recon"):
+        assert metric_steps(project, only.info.run_id, key) == list(range(6)), key
+    assert "val_neg_elbo" not in only.data.metrics
+
+
 def test_changed_params_start_fresh_instead_of_resuming(project):
     set_params(project, model={"hidden_dims": [256, 128]}, train={"max_epochs": 6, "batch_size": 32})
     run(["dvc", "repro", "download"], project)
