@@ -102,9 +102,10 @@ class LitVAE(L.LightningModule):
         return (recon + self.hparams.kl_weight * kl).mean()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        # Lightning's per-step Python (hooks, fetching, progress; ~1.4 ms of a 5.6 ms step on a
-        # 2-core CPU) is paid once per call: Keras' steps_per_execution. The updates are the
-        # K = 1 updates: same mini-batches in the same order, the same optimizer calls.
+        # K consecutive mini-batches per call (train.steps_per_call, Keras' steps_per_execution),
+        # so that Lightning's per-call Python is paid once for K updates. The updates are the K = 1
+        # updates: same mini-batches in the same order, the same optimizer calls. Measured on 2 CPU
+        # cores it bought nothing (benchmarks/train_throughput.py), so the default K is 1.
         optimizer = self.optimizers()
         step_size = self.hparams.batch_size or len(batch[0])
         for images, labels in zip(batch[0].split(step_size), batch[1].split(step_size), strict=True):
