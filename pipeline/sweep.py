@@ -4,13 +4,12 @@ Reads the `sweep:` section of params.yaml; each of its keys is also a flag (--n-
 --hidden-dims '[[128], [256, 128]]'). Fetches the data through the download stage if missing.
 """
 
-import argparse
 import dataclasses
 import subprocess
 
 import yaml
 
-from mnist_vae.cli import cli
+from mnist_vae.cli import ArgumentParser, cli
 from mnist_vae.config import ConfigError, SweepConfig, load_config
 from mnist_vae.download import SOURCE_FILE
 from mnist_vae.paths import Paths
@@ -18,7 +17,7 @@ from mnist_vae.sweep import check_storage, run_sweep
 
 
 def parse_overrides(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     for field in dataclasses.fields(SweepConfig):
         # YAML parsing gives flags the same types as params.yaml; config validation checks them.
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=yaml.safe_load,

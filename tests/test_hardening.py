@@ -11,12 +11,13 @@ Most cases share one trained tiny project (module scope): each one that changes 
 | a checkpoint whose weights do not match its hyperparameters | `error: FILE: its weights do not match its hyperparameters (size mismatch for ...); ...` |
 | a malicious pickle (evaluate CLI, classifier/classifier.pt, checkpoints/last.ckpt) | `error: FILE: refused, it holds ... pickled code; ...` |
 | IDX images with 0 images, a bogus ndim, a corrupt deflate stream | `error: FILE: images of shape (0, 28, 28)...` / `an IDX header with 200 dimensions` / `unreadable (...)` |
-| `--batch-size 0`, `--iwae-samples 1000000000` | argparse's usage line and `error: --batch-size 0: expected an integer >= 1` |
+| `--batch-size 0`, `--iwae-samples 1000000000`, `--batch-size abc` | `python -m mnist_vae evaluate: error: --batch-size 0: expected an integer >= 1`, one line |
 | `lr: .inf`, `seed: -5`, an empty params.yaml, `accelerator: gpu` without a GPU | `error: params.yaml: KEY = VALUE; expected ...` before any run opens |
 | a NaN loss | `error: training loss is nan at epoch 0, step S; lower train.lr ...`, run FAILED, outputs kept |
 | a full disk (file-size limit) while checkpointing | `error: writing a file: File too large; free some disk space ...`, run FAILED, outputs kept |
-| a full disk under the MLflow store | `error: a SQLite store (mlruns/ or sweeps/) cannot be written: disk I/O error; ...`, no run |
+| a full disk under the MLflow store | `error: a SQLite store (mlruns/ or sweeps/) cannot be written: disk I/O error; ...`, outputs kept, the run (if one opened) FAILED, or KILLED by the next start |
 | a read-only mlruns/artifacts | `error: DIR: Permission denied; make it writable for this user and rerun`, run FAILED |
+| the store turns read-only mid-training | `error: a SQLite store ... cannot be written: attempt to write a readonly database; ...`, the run left RUNNING, KILLED by the next start |
 | a second training while one is alive | `error: another training is running in this checkout (pid P on host H, ...)` |
 | `python pipeline/evaluate.py` after `rm -rf mlruns` | `error: models/mlflow_run.json: MLflow run ID is not in the store ...` |
 | evaluate on a run that is not FINISHED | `error: models/mlflow_run.json: MLflow run ID is FAILED, not FINISHED: ...` |
@@ -196,13 +197,14 @@ def test_evaluate_cli_names_a_corrupt_deflate_stream(trained, tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
     (["--iwae-samples", "1000000000"], "--iwae-samples 1000000000: expected an integer from 1 to 10,000"),
+    (["--batch-size", "abc"], "argument --batch-size: invalid int value: 'abc'"),
 ])
 def test_evaluate_cli_bounds_its_flags(trained, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_:
         cli_main(["evaluate", "--checkpoint", str(trained / "models" / "best.ckpt"),
                   "--images", str(trained / "data" / "t10k-images-idx3-ubyte.gz"), *flags])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == f"python -m mnist_vae: error: {message}"
+    assert capsys.readouterr().err == f"python -m mnist_vae evaluate: error: {message}\n"  # no usage block
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,18 +292,23 @@ def test_full_disk_while_checkpointing_fails_the_run_and_leaves_nothing_partial(
     assert leftovers == []
 
 
-def test_full_disk_under_the_mlflow_store_opens_no_run(restore):
+@pytest.mark.parametrize("headroom", [0, 2**13])
+def test_full_disk_under_the_mlflow_store_leaves_no_run_finished_or_running(restore, headroom):
+    """SQLite fits what it can into free pages, so how far a run gets before a write fails varies
+    with the headroom: whatever it managed, the run is never FINISHED (MLflow's exit handler ends
+    a run left active FINISHED), and one the dead process could not mark FAILED is marked KILLED
+    by the next start."""
     project, before = restore, snapshot(restore)
     result = run([sys.executable, "pipeline/train.py"], project, check=False,
-                 preexec_fn=limit_file_size((project / "mlruns" / "mlflow.db").stat().st_size))
-    assert one_line_error(result) == (
-        "error: a SQLite store (mlruns/ or sweeps/) cannot be written: disk I/O error; free some "
-        "disk space (or raise the file-size limit) and rerun")
-    # SQLite may still fit a run into free pages and fail on a later write: whatever it managed,
-    # no output changed and no run is left RUNNING by the dead process once the next one starts.
+                 preexec_fn=limit_file_size((project / "mlruns" / "mlflow.db").stat().st_size + headroom))
+    assert re.fullmatch(r"error: (a SQLite store \(mlruns/ or sweeps/\) cannot be written: disk I/O "
+                        r"error|writing a file: File too large); free some disk space \(or raise the "
+                        r"file-size limit\) and rerun", one_line_error(result))
+    assert {k: v for k, v in snapshot(project).items() if k in before} == before
+    run([sys.executable, "pipeline/figures.py"], project)  # the next start
     after = snapshot(project)
     assert {k: v for k, v in after.items() if k in before} == before
-    assert "RUNNING" not in [s for k, s in after.items() if k not in before and "/" not in k]
+    assert {s for k, s in after.items() if k not in before} <= {"FAILED", "KILLED"}
 
 
 def as_user() -> list[str]:
@@ -322,6 +329,37 @@ def test_read_only_artifact_folder_fails_the_run_and_keeps_the_outputs(restore):
                     "denied; make it writable for this user and rerun")
     assert failed.info.status == "FAILED"
     assert {k: v for k, v in snapshot(project).items() if k in before} == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="needs setpriv as root")
+def test_a_run_the_failing_process_cannot_end_is_killed_by_the_next_start(restore):
+    """The store turns read-only mid-training: the process cannot even mark its run FAILED, exits
+    with one line, and the next start (any stage) marks the run it left RUNNING as KILLED."""
+    project, before = restore, snapshot(restore)
+    set_params(project, train={"max_epochs": 100, "batch_size": 32})
+    store = project / "mlruns" / "mlflow.db"
+    training = subprocess.Popen([*as_user(), sys.executable, "pipeline/train.py"], cwd=project,
+                                env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (project / "checkpoints" / "last.ckpt").exists():  # epoch 0 done
+            assert training.poll() is None, training.stderr.read()
+            time.sleep(0.05)
+        os.chmod(store, 0o444)  # the folder too: SQLite writes its journal beside the file
+        os.chmod(project / "mlruns", 0o555)
+        _, stderr = training.communicate(timeout=300)
+    finally:
+        os.chmod(store, 0o644)
+        os.chmod(project / "mlruns", 0o755)
+    assert one_line_error(subprocess.CompletedProcess([], training.returncode, "", stderr)) == (
+        "error: a SQLite store (mlruns/ or sweeps/) cannot be written: attempt to write a "
+        "readonly database; make it writable for this user and rerun")
+    (left,) = new_runs(project, before)
+    assert left.info.status == "RUNNING"
+    run([sys.executable, "pipeline/figures.py"], project)  # the next start
+    after = snapshot(project)
+    assert after[left.info.run_id] == "KILLED"
+    assert {k: v for k, v in after.items() if k in before} == before
 
 
 @pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="needs setpriv as root")

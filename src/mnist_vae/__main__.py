@@ -4,13 +4,12 @@ stdout is one JSON object of the metrics."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
-from .cli import PipelineError, cli
+from .cli import ArgumentParser, PipelineError, cli
 from .config import MAX_IWAE_SAMPLES
 from .data import binarize
 from .download import read_idx
@@ -20,7 +19,7 @@ from .paths import Paths
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mnist_vae")
+    parser = ArgumentParser(prog="python -m mnist_vae")
     commands = parser.add_subparsers(dest="command", required=True)
     ev = commands.add_parser("evaluate", help="test metrics of a checkpoint on an IDX image file")
     model = ev.add_mutually_exclusive_group(required=True)
@@ -36,11 +35,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="score stochastically binarized images (seeded), as data.binarize: dynamic")
     args = parser.parse_args(argv)
     if not 1 <= args.iwae_samples <= MAX_IWAE_SAMPLES:
-        parser.error(f"--iwae-samples {args.iwae_samples}: expected an integer from 1 to {MAX_IWAE_SAMPLES:,}")
+        ev.error(f"--iwae-samples {args.iwae_samples}: expected an integer from 1 to {MAX_IWAE_SAMPLES:,}")
     if args.batch_size < 1:
-        parser.error(f"--batch-size {args.batch_size}: expected an integer >= 1")
+        ev.error(f"--batch-size {args.batch_size}: expected an integer >= 1")
     if args.seed < 0:
-        parser.error(f"--seed {args.seed}: expected an integer >= 0")
+        ev.error(f"--seed {args.seed}: expected an integer >= 0")
 
     with cli():
         vae = load_vae(args.checkpoint) if args.checkpoint else load_model(args.model)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import os
@@ -11,10 +12,19 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 
 class PipelineError(Exception):
     """A problem the user can fix (a param, a data file): shown as one line, no traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one line, as every other error here: its own puts the usage
+    block above them (`--help` still shows it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def set_up_process() -> None:

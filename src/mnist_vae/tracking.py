@@ -128,8 +128,11 @@ def pipeline_run(cfg: Config, resume_run_id: str | None = None) -> Iterator[mlfl
     else:
         run = mlflow.start_run(experiment_id=experiment, run_name=run_name(cfg),
                                tags=process_tags(), log_system_metrics=True)
-        mlflow.log_params(run_params(cfg))
+    # Everything after start_run inside `with run`: a run still active when an error ends the
+    # process is ended FINISHED by MLflow's exit handler (seen with a full disk under SQLite).
     with run:
+        if resume_run_id is None:
+            mlflow.log_params(run_params(cfg))
         yield run
 
 
