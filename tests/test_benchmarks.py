@@ -18,14 +18,14 @@ def bench(*args: str) -> list[str]:
     return lines
 
 
-def test_train_throughput_pairs_the_default_and_eight_steps_per_call():
+def test_train_throughput_pairs_the_default_and_one_step_per_call():
     lines = bench("train_throughput.py", "--epochs", "1", "--seed-steps", "2", "--train-images", "700",
                   "--synthetic")
     assert re.fullmatch(r"ratio_to_bare_loop=\d+\.\d\d", lines[-1])
-    assert re.fullmatch(r"ratio_to_bare_loop_k8=\d+\.\d\d", lines[-2])
+    assert re.fullmatch(r"ratio_to_bare_loop_k1=\d+\.\d\d", lines[-2])
     # 630 training images in batches of 128: 5 updates, whatever the steps per call.
     assert [line.split()[:3] for line in lines if line.startswith("fit()")][:2] == [
-        ["fit(),", "K=1,", "1"], ["fit(),", "K=8,", "1"]]
+        ["fit(),", "K=16,", "1"], ["fit(),", "K=1,", "1"]]
     assert {line.split()[4] for line in lines if line.startswith("fit(), K=")} == {"5"}
 
 
