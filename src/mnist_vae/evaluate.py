@@ -108,9 +108,18 @@ def active_units(mu: Tensor) -> int:
 
 
 @torch.inference_mode()
+def encode(vae: VAE, images: Tensor, batch_size: int = 2048) -> tuple[Tensor, Tensor | None]:
+    """mu and logvar (None for the AE) of (N, 784) uint8 images, a batch at a time: at once, the
+    float copy of 60,000 images and its activations would take ~300 MB."""
+    parts = [vae.encode(to_float(chunk)) for chunk in images.split(batch_size)]
+    mu = torch.cat([m for m, _ in parts])
+    return mu, torch.cat([v for _, v in parts]) if vae.variational else None
+
+
+@torch.inference_mode()
 def kl_per_dimension(vae: VAE, images: Tensor) -> Tensor:
     """(latent_dim,) mean KL(q(z_d|x) || N(0, 1)) over the images, in nats: which dims are used."""
-    mu, logvar = vae.encode(to_float(images))
+    mu, logvar = encode(vae, images)
     return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).mean(0)
 
 

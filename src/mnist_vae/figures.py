@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .config import FiguresConfig
 from .data import to_float
-from .evaluate import active_dims, kl_per_dimension
+from .evaluate import active_dims, encode, kl_per_dimension
 from .files import atomic_path
 from .model import VAE
 
@@ -150,7 +150,7 @@ def draw_all(vae: VAE, images: Tensor, labels: Tensor, history: list[dict[str, f
     MLPs trained as the other kind (AE for a VAE, VAE for an AE), the two side by side."""
     gen = torch.Generator().manual_seed(cfg.seed)
     x = to_float(images)
-    mu, _ = vae.encode(x)
+    mu, _ = encode(vae, images)
     pick = torch.randperm(len(x), generator=gen)
     shown = x[pick[:cfg.n_reconstructions]]
     ends = mu[pick[-2:]]

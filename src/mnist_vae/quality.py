@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .cli import PipelineError
 from .config import ClassifierConfig
 from .data import to_float
-from .evaluate import load_checkpoint
+from .evaluate import encode, load_checkpoint
 from .files import torch_bytes, write_bytes
 from .model import IMAGE_PIXELS, VAE, mlp
 
@@ -103,9 +103,8 @@ def latent_probe_accuracy(vae: VAE, train: tuple[Tensor, Tensor], test: tuple[Te
                           max_iter: int = 200) -> float:
     """Test accuracy of a linear classifier (multinomial logistic regression) on the latent means,
     fit on the training images': how much of the digit the code holds, linearly."""
-    with torch.inference_mode():
-        z_train, z_test = (vae.encode(to_float(images))[0] for images, _ in (train, test))
-    z_train, z_test = z_train.clone(), z_test.clone()  # inference tensors take no gradients
+    # Cloned: inference tensors take no gradients.
+    z_train, z_test = (encode(vae, images)[0].clone() for images, _ in (train, test))
     mean, std = z_train.mean(0), z_train.std(0) + 1e-6
     probe = nn.Linear(vae.latent_dim, N_CLASSES)
     optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=max_iter, line_search_fn="strong_wolfe")
