@@ -14,8 +14,8 @@ two bare turns: all fit() does (data fetch, hooks, progress bar; at epoch ends v
 checkpoints, History CSV, MLflow). fit() runs as pipeline/train.py runs it: a real MLflow run (temp
 SQLite store), progress bar on, outputs in a temp dir; once with the default K and once for each
 --steps-per-call value (1 by default), after an unmeasured warm-up fit() that takes the process's
-one-time costs (lazy imports, the store's first writes). The seed-style row pairs the tutorial's data path (per-image
-PIL -> ToTensor -> flatten, DataLoader shuffle=True, Trainer defaults) likewise.
+one-time costs (lazy imports, the store's first writes). The seed-style row pairs the tutorial's
+data path (per-image PIL -> ToTensor -> flatten, DataLoader shuffle=True, Trainer defaults) likewise.
 
 Reading it: ratio = sum(bare step s) / sum(project step s): 1.00 is no overhead, 0.80 means fit()
 takes 25% longer. "median" compares typical steps (no epoch ends). "others" is the share of the CPU
@@ -241,11 +241,11 @@ def measure(args: argparse.Namespace, tmp: Path, imports_rss_mib: float) -> list
     lines, ratios, warnings = [f"data: {data_desc}", HEADER], {}, []
     # Unmeasured: a process's first fit() pays one-time costs (lazy imports, the store's first
     # writes) that a 2-epoch measurement would charge to whichever K came first.
-    warm_up = VaeDataModule(cfg.data, cfg.train, tmp / "data")
+    warm_up_cfg = replace(cfg, train=replace(cfg.train, max_epochs=1))
+    warm_up = VaeDataModule(warm_up_cfg.data, warm_up_cfg.train, tmp / "data")
     warm_up.splits = {split: (x[:4 * BATCH_SIZE], y[:4 * BATCH_SIZE]) for split, (x, y) in data.splits.items()}
-    with tracking.pipeline_run(replace(cfg, train=replace(cfg.train, max_epochs=1))) as run:
-        fit(replace(cfg, train=replace(cfg.train, max_epochs=1)), warm_up, run.info.run_id,
-            work_dir=tmp / "warm-up", progress=False)
+    with tracking.pipeline_run(warm_up_cfg) as run:
+        fit(warm_up_cfg, warm_up, run.info.run_id, work_dir=tmp / "warm-up", progress=False)
     # The default K first (the ratio the goal is about), then the others (K = 1 by default).
     for k in dict.fromkeys([cfg.train.steps_per_call, *args.steps_per_call]):
         k_cfg = replace(cfg, train=replace(cfg.train, steps_per_call=k))
