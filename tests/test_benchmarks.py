@@ -7,7 +7,7 @@ import pytest
 
 from .conftest import ROOT, run
 
-pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow") skips it
+pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow" -n 0) skips it
 
 BENCHMARKS = ROOT / "benchmarks"
 

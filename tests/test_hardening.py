@@ -51,7 +51,7 @@ from mnist_vae.download import FILES, idx_bytes, read_idx
 
 from .conftest import BIN, make_project, mlflow_runs, run, tiny_params
 
-pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow") skips it
+pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow" -n 0) skips it
 
 OUTPUTS = ("models/best.ckpt", "models/last.ckpt", "models/mlflow_run.json",
            "metrics/train_history.csv", "metrics/train.json", "metrics/evaluate.json")

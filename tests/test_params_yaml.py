@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import ROOT, run
 
-pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow") skips it
+pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow" -n 0) skips it
 
 
 def test_dvc_exp_run_set_param_changes_only_the_values_it_sets(project: Path) -> None:

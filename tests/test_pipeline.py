@@ -9,7 +9,7 @@ import yaml
 
 from .conftest import artifact_paths, metric_steps, mlflow_runs, pipeline_runs, run
 
-pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow") skips it
+pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow" -n 0) skips it
 
 METRIC_KEYS = {"test_neg_elbo", "test_recon", "test_kl", "test_iwae_nll", "n_test", "active_units"}
 QUALITY_KEYS = {"sample_fd", "sample_confidence", "recon_accuracy", "latent_probe_accuracy"}

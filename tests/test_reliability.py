@@ -13,7 +13,7 @@ import yaml
 
 from .conftest import BIN, metric_steps, mlflow_runs, pipeline_runs, run, tiny_params
 
-pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow") skips it
+pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow" -n 0) skips it
 
 
 def set_params(project, **sections):

@@ -24,7 +24,7 @@ from .conftest import BIN, make_project, run
 
 pytest.importorskip("psycopg", reason="needs the [cluster] extra: pip install -e '.[cluster]'")
 
-pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow") skips it
+pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow" -n 0) skips it
 if shutil.which("initdb") is None:
     pytest.skip("needs PostgreSQL's server binaries (initdb, pg_ctl) on PATH", allow_module_level=True)
 

@@ -25,7 +25,7 @@ from mnist_vae.evaluate import load_vae
 
 from .conftest import BIN, artifact_paths, make_project, mlflow_runs, pipeline_runs, run
 
-pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow") skips it
+pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow" -n 0) skips it
 
 N_IMAGES = 5
 

@@ -12,7 +12,7 @@ from mnist_vae.config import load_config
 
 from .conftest import artifact_paths, mlflow_runs, run
 
-pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow") skips it
+pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow" -n 0) skips it
 
 SMALL = ["--max-epochs", "2", "--hidden-dims", "[[32], [64, 32]]", "--latent-dim", "[2, 4]",
          "--pruner-startup-trials", "2", "--pruner-warmup-epochs", "1"]
