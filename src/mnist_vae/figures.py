@@ -149,10 +149,9 @@ def draw_all(vae: VAE, images: Tensor, labels: Tensor, history: list[dict[str, f
     """All figures from test images ((N, 784) uint8) and the training history; with the same
     MLPs trained as the other kind (AE for a VAE, VAE for an AE), the two side by side."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    x = to_float(images)
     mu, _ = encode(vae, images)
-    pick = torch.randperm(len(x), generator=gen)
-    shown = x[pick[:cfg.n_reconstructions]]
+    pick = torch.randperm(len(images), generator=gen)
+    shown = to_float(images[pick[:cfg.n_reconstructions]])
     ends = mu[pick[-2:]]
     steps = torch.linspace(0, 1, cfg.interpolation_steps)[:, None]
     z_interpolated = ends[0] * (1 - steps) + ends[1] * steps
@@ -178,7 +177,7 @@ def draw_all(vae: VAE, images: Tensor, labels: Tensor, history: list[dict[str, f
     ]
     if counterpart is not None:
         models = {"VAE": vae, "AE": counterpart} if vae.variational else {"VAE": counterpart, "AE": vae}
-        paths.append(vae_vs_ae(models, x[pick[-2:]], z_prior[:cfg.interpolation_steps],
+        paths.append(vae_vs_ae(models, to_float(images[pick[-2:]]), z_prior[:cfg.interpolation_steps],
                                out_dir / "vae_vs_ae.png"))
     if vae.variational:
         paths.append(kl_per_dimension_plot(kl_per_dimension(vae, images), active_dims(mu),
