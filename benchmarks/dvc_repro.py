@@ -8,12 +8,15 @@ benchmarks/stage_startup.py, median of 3 after a warm-up) and, run again outside
 RSS of evaluate and figures (goal: under 700 MB each).
 
 The issue's figure for the code before it: 58.7 s on a quiet 2-core machine, about 35 s of it
-start-up. Compare both on one machine: `git worktree add /tmp/old <commit>` and
-`--project /tmp/old`.
+start-up. `--against DIR` compares with other code side by side instead: `git worktree add
+/tmp/old <commit>`, then `--against /tmp/old` alternates `dvc repro -f` of a copy of each (the
+reference first, --rounds times) and prints the ratio of their medians.
 
-The last stdout line is `repro_s=X startup_s=Y startup_share=Z`.
+The last stdout line is `repro_s=X startup_s=Y startup_share=Z`, or with --against
+`speedup=R` (the reference's median seconds / this project's).
 
     python benchmarks/dvc_repro.py [--project DIR] [--set train.max_epochs=2 ...] [--targets STAGE ...]
+    python benchmarks/dvc_repro.py --against /tmp/old [--rounds 3]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,6 +78,29 @@ def timed_repro(repo: Path, env: dict[str, str], targets: list[str]) -> tuple[fl
     return total, {stage: end - begin for (stage, begin), end in zip(marks, ends, strict=True)}
 
 
+def repro_env(repo: Path) -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(repo / "src")}  # the copy's code, not the editable install's
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def side_by_side(reference: Path, project: Path, rounds: int, overrides: dict[str, object],
+                 targets: list[str]) -> None:
+    """`dvc repro -f` of a fresh copy of each, alternating, so both see the same machine."""
+    seconds: dict[str, list[float]] = {"reference": [], "this": []}
+    for round_ in range(rounds):
+        for name, code in (("reference", reference), ("this", project)):
+            with tempfile.TemporaryDirectory() as tmp:
+                repo = Path(tmp) / "project"
+                copy_project(code.resolve(), repo, overrides)
+                total, stages = timed_repro(repo, repro_env(repo), targets)
+            seconds[name].append(total)
+            print(f"round {round_ + 1} {name:<9} {code}: {total:.1f} s ("
+                  + ", ".join(f"{stage} {s:.1f}" for stage, s in stages.items()) + ")", flush=True)
+    print(f"speedup={statistics.median(seconds['reference']) / statistics.median(seconds['this']):.2f}")
+
+
 def peak_rss_mib(cmd: list[str], repo: Path, env: dict[str, str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB) of one command, from its own rusage (os.wait4)."""
     started = time.perf_counter()
@@ -92,14 +119,17 @@ def main() -> None:
                         help="params.yaml overrides in the copy, YAML values (default: none, the defaults)")
     parser.add_argument("--targets", nargs="*", default=[], metavar="STAGE",
                         help="reproduce only these stages and what they depend on (default: all)")
+    parser.add_argument("--against", type=Path, metavar="DIR",
+                        help="other code (a git worktree) to time side by side, alternating")
+    parser.add_argument("--rounds", type=int, default=2, help="with --against: runs of each (default 2)")
     args = parser.parse_args()
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    if args.against:
+        return side_by_side(args.against, args.project, args.rounds, overrides, args.targets)
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "project"
         copy_project(args.project.resolve(), repo, overrides)
-        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-               "PYTHONPATH": str(repo / "src")}  # the copy's code, not the editable install's
-        env.pop("MLFLOW_TRACKING_URI", None)
+        env = repro_env(repo)
         total, stages = timed_repro(repo, env, args.targets)
         os.environ["PYTHONPATH"] = env["PYTHONPATH"]
         startups = {}

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from cpu_noise import cpu_snapshot, others_cpu_share
-from mnist_vae.cli import set_up_process
+from mnist_vae.cli import set_up_process, set_up_torch
 from mnist_vae.data import to_float
 from mnist_vae.download import FILES, SYSTEM_DIRS, read_idx
 from mnist_vae.evaluate import evaluate
@@ -102,6 +102,7 @@ def main() -> None:
                         help="use this share of the images, train and test alike (default 1: all); for smoke tests")
     args = parser.parse_args()
     set_up_process()  # as the stages' commands do
+    set_up_torch()
 
     train, test, source = load_images(args.synthetic)
     train, test = (images[:max(args.slices, round(len(images) * args.fraction))] for images in (train, test))

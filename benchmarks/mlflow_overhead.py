@@ -31,7 +31,7 @@ import mlflow
 
 from cpu_noise import cpu_snapshot, others_cpu_share
 from mnist_vae import tracking
-from mnist_vae.cli import set_up_process
+from mnist_vae.cli import set_up_process, set_up_torch
 from mnist_vae.config import Config, DataConfig, ModelConfig, TrainConfig
 from mnist_vae.download import FILES, SYSTEM_DIRS, download
 from mnist_vae.lit import VaeDataModule
@@ -78,7 +78,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=TrainConfig().images_every_epochs,
                         help="train.images_every_epochs (default: params.yaml's default)")
     args = parser.parse_args()
-    set_up_process()
+    set_up_process()  # as the train stage's command does
+    set_up_torch()
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         data_cfg = data_config()

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cpu_noise import cpu_snapshot, others_cpu_share
 from mnist_vae import tracking
-from mnist_vae.cli import set_up_process
+from mnist_vae.cli import set_up_process, set_up_torch
 from mnist_vae.config import Config, DataConfig, ModelConfig, TrainConfig
 from mnist_vae.download import FILES, SYSTEM_DIRS, download, idx_bytes
 from mnist_vae.files import write_bytes
@@ -292,7 +292,8 @@ def main() -> None:
     args = parser.parse_args()
     args.device = "cuda" if args.accelerator == "gpu" else "cpu"
     imports_rss_mib = peak_rss_mib()
-    set_up_process()  # as the train stage's command does
+    set_up_process()  # as the train stage's command does (the bare loop too: one process)
+    set_up_torch()
     with tempfile.TemporaryDirectory() as tmp:
         lines = measure(args, Path(tmp), imports_rss_mib)
     print("\n".join(lines))

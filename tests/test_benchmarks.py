@@ -49,6 +49,12 @@ def test_dvc_repro_times_the_stages_it_ran():
     assert re.fullmatch(r"repro_s=\d+\.\d startup_s=\d+\.\d startup_share=\d\.\d\d", lines[-1])
 
 
+def test_dvc_repro_against_other_code_alternates_and_gives_the_ratio():
+    lines = bench("dvc_repro.py", "--against", str(ROOT), "--rounds", "1", "--targets", "download")
+    assert [line.split()[2] for line in lines[:-1]] == ["reference", "this"]
+    assert re.fullmatch(r"speedup=\d+\.\d\d", lines[-1])
+
+
 def test_sweep_workers_compares_one_and_two_workers():
     lines = bench("sweep_workers.py", "--trials", "2", "--epochs", "1")
     assert re.fullmatch(r"ratio_2_to_1_workers=\d+\.\d\d", lines[-1])

@@ -1,7 +1,10 @@
 """The loss, the KL, the IWAE bound, and Lightning wiring on synthetic tensors."""
 
 import math
+import os
 import pickle
+import subprocess
+import sys
 
 import lightning as L
 import pytest
@@ -155,3 +158,17 @@ def test_the_autoencoder_has_no_elbo_to_report():
     trainer.fit(module, synthetic_batches(), synthetic_batches())
     assert {"train_loss", "val_loss", "val_recon"} <= set(trainer.callback_metrics)
     assert "val_neg_elbo" not in trainer.callback_metrics and "val_kl" not in trainer.callback_metrics
+
+
+@pytest.mark.parametrize("set_up", [True, False])
+def test_a_stage_flushes_subnormal_floats_to_zero_in_every_thread(set_up):
+    # 2**20 elements: a parallel op, so torch's worker threads compute parts of it too.
+    code = ("import os, torch; from mnist_vae.cli import set_up_torch\n"
+            f"if {set_up}: set_up_torch()\n"
+            "x = torch.full((2**20,), 1e-39) * 1.0\n"
+            "print(int((x == 0).sum()), torch.get_num_threads(), min(4, os.cpu_count()))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    zeros, threads, expected = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                              text=True, check=True).stdout.split()
+    assert int(zeros) == (2**20 if set_up else 0)
+    assert not set_up or threads == expected

@@ -70,18 +70,28 @@ def set_up_process() -> None:
 TORCH_THREADS = 4
 
 
-def fix_torch_threads() -> None:
-    """For a stage: a fixed intra-op thread count, unless OMP_NUM_THREADS names one (sweep workers
-    set their own: cores / workers)."""
+def set_up_torch(threads: int | None = None) -> None:
+    """Before any computing (torch's worker threads take the calling thread's float settings when
+    the first parallel op makes them): subnormal floats flushed to zero, and `threads` intra-op
+    threads, or for a stage a fixed count unless OMP_NUM_THREADS names one."""
     torch = sys.modules.get("torch")  # the stages that compute have imported it; download has not
-    if torch is not None and "OMP_NUM_THREADS" not in os.environ:
+    if torch is None:
+        return
+    # Adam's first moments of weights that stop getting gradients (pixels that are 0, ReLUs that
+    # are off) decay through the subnormal range, where x86 takes up to ~100x longer per operation:
+    # at the end of the default training 30% of the first layer's were subnormal. Flushed to zero,
+    # as TensorFlow does by default: the default fit() ~10% faster, the same best val_neg_elbo.
+    torch.set_flush_denormal(True)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(min(TORCH_THREADS, os.cpu_count() or 1))
 
 
 @contextmanager
 def cli() -> Iterator[None]:
     set_up_process()
-    fix_torch_threads()
+    set_up_torch()
     try:
         yield
     except PipelineError as err:

@@ -30,7 +30,7 @@ import yaml
 from optuna_integration import PyTorchLightningPruningCallback
 
 from . import tracking
-from .cli import PipelineError, set_up_process
+from .cli import PipelineError, set_up_process, set_up_torch
 from .config import Config
 from .files import write_bytes
 from .lit import NonFiniteLossError, VaeDataModule
@@ -242,7 +242,7 @@ def _report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
 
 
 def _worker(cfg: Config, n_trials: int, parent_run_id: str, threads: int) -> None:
-    torch.set_num_threads(threads)  # torch takes every core per process; workers split them
+    set_up_torch(threads)  # torch takes every core per process; workers split them
     set_up_process()  # a spawned worker starts with none of the command's set-up
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
     study = open_study(cfg)
