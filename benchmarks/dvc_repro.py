@@ -10,10 +10,11 @@ RSS of evaluate and figures (goal: under 700 MB each).
 The issue's figure for the code before it: 58.7 s on a quiet 2-core machine, about 35 s of it
 start-up. `--against DIR` compares with other code side by side instead: `git worktree add
 /tmp/old <commit>`, then `--against /tmp/old` alternates `dvc repro -f` of a copy of each (the
-reference first, --rounds times) and prints the ratio of their medians.
+reference first, --rounds times). This machine's speed drifts by 20% within minutes, so each
+round's ratio compares two runs a minute apart, and the figure is the median of those.
 
 The last stdout line is `repro_s=X startup_s=Y startup_share=Z`, or with --against
-`speedup=R` (the reference's median seconds / this project's).
+`speedup=R` (the median over rounds of the reference's seconds / this project's).
 
     python benchmarks/dvc_repro.py [--project DIR] [--set train.max_epochs=2 ...] [--targets STAGE ...]
     python benchmarks/dvc_repro.py --against /tmp/old [--rounds 3]
@@ -88,17 +89,19 @@ def repro_env(repo: Path) -> dict[str, str]:
 def side_by_side(reference: Path, project: Path, rounds: int, overrides: dict[str, object],
                  targets: list[str]) -> None:
     """`dvc repro -f` of a fresh copy of each, alternating, so both see the same machine."""
-    seconds: dict[str, list[float]] = {"reference": [], "this": []}
+    ratios = []
     for round_ in range(rounds):
+        seconds = {}
         for name, code in (("reference", reference), ("this", project)):
             with tempfile.TemporaryDirectory() as tmp:
                 repo = Path(tmp) / "project"
                 copy_project(code.resolve(), repo, overrides)
-                total, stages = timed_repro(repo, repro_env(repo), targets)
-            seconds[name].append(total)
-            print(f"round {round_ + 1} {name:<9} {code}: {total:.1f} s ("
+                seconds[name], stages = timed_repro(repo, repro_env(repo), targets)
+            print(f"round {round_ + 1} {name:<9} {code}: {seconds[name]:.1f} s ("
                   + ", ".join(f"{stage} {s:.1f}" for stage, s in stages.items()) + ")", flush=True)
-    print(f"speedup={statistics.median(seconds['reference']) / statistics.median(seconds['this']):.2f}")
+        ratios.append(seconds["reference"] / seconds["this"])
+    print("ratio per round: " + ", ".join(f"{r:.2f}" for r in ratios))
+    print(f"speedup={statistics.median(ratios):.2f}")
 
 
 def peak_rss_mib(cmd: list[str], repo: Path, env: dict[str, str]) -> tuple[float, float]:

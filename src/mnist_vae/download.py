@@ -210,7 +210,8 @@ def fetch(mirrors: list[str], md5: dict[str, str], timeout_s: float) -> tuple[li
                 errors.append(f"{mirror + name}: md5 {digest}, expected {md5[name]}")
                 continue
             arrays.append(parse_idx(read_gz(raw, mirror + name), mirror + name))
-            served_by += [mirror] if mirror not in served_by else []
+            if mirror not in served_by:
+                served_by.append(mirror)
             break
         else:
             raise DataError(f"download failed ({'; '.join(errors)})")
