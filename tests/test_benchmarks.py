@@ -52,8 +52,8 @@ def test_dvc_repro_times_the_stages_it_ran():
 def test_dvc_repro_against_other_code_alternates_and_gives_the_ratio():
     lines = bench("dvc_repro.py", "--against", str(ROOT), "--rounds", "1", "--targets", "download")
     assert [line.split()[2] for line in lines[:-2]] == ["reference", "this"]
-    assert re.fullmatch(r"ratio per round: \d+\.\d\d", lines[-2])
-    assert re.fullmatch(r"speedup=\d+\.\d\d", lines[-1])
+    assert re.fullmatch(r"ratio per round: \d+\.\d\d; CPU: \d+\.\d\d", lines[-2])
+    assert re.fullmatch(r"speedup=\d+\.\d\d cpu_speedup=\d+\.\d\d", lines[-1])
 
 
 def test_sweep_workers_compares_one_and_two_workers():
