@@ -7,8 +7,7 @@ same copy, each stage's start-up (process start to the first line of its main(),
 benchmarks/stage_startup.py, median of 3 after a warm-up) and, run again outside DVC, the peak
 RSS of evaluate and figures (goal: under 700 MB each).
 
-The issue's figure for the code before it: 58.7 s on a quiet 2-core machine, about 35 s of it
-start-up. `--against DIR` compares with other code side by side instead: `git worktree add
+`--against DIR` compares with other code side by side instead: `git worktree add
 /tmp/old <commit>`, then `--against /tmp/old` alternates `dvc repro -f` of a copy of each (the
 reference first, --rounds times). This machine's speed drifts by 20% within minutes, so each
 round's ratio compares two runs a minute apart, and the figure is the median of those; the ratio

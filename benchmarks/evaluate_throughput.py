@@ -35,11 +35,12 @@ import torch
 from torch import Tensor
 
 from cpu_noise import cpu_snapshot, others_cpu_share
-from mnist_vae.cli import set_up_process, set_up_torch
 from mnist_vae.data import to_float
-from mnist_vae.download import FILES, SYSTEM_DIRS, read_idx
+from mnist_vae.download import SYSTEM_DIRS
 from mnist_vae.evaluate import evaluate
+from mnist_vae.idx import FILES, read_idx
 from mnist_vae.model import VAE, iwae_nll, neg_elbo_terms
+from mnist_vae.process import set_up_process, set_up_torch
 
 GOAL = 3.0
 BATCH_SIZE, LR, WEIGHT_DECAY = 128, 1e-3, 0.1

@@ -1,12 +1,12 @@
 """Start-up of each DVC stage: process start to the first line of its `main()`, measured from outside.
 
 What: for each of the six stage scripts in pipeline/, a fresh `python` process loads the script as
-DVC's `python pipeline/<stage>.py` does (its imports, `cli()`'s process set-up) but, instead of
+DVC's `python pipeline/<stage>.py` does (its imports, `command()`'s process set-up) but, instead of
 calling `main()`, prints one line; the time from starting the process to reading that line is the
 stage's start-up, everything a stage pays before its first line of work. Also the peak RSS at that
 point (the imports' share of a stage's memory) and which heavy libraries were imported.
 
-Goals (issue #14): download < 1 s; evaluate, classifier, figures < 3 s. Start-ups on a shared
+Goals: download < 1 s; evaluate, classifier, figures < 3 s (docs/benchmarks.md). Start-ups on a shared
 machine vary with the page cache and other processes, so each is the median of --repeats runs
 after one warm-up run that fills the page cache (as the second stage of a `dvc repro` finds it).
 
@@ -31,10 +31,14 @@ STAGES = ("download", "train", "classifier", "evaluate", "counterpart", "figures
 HEAVY = ("torch", "lightning", "mlflow", "matplotlib", "torchvision", "optuna")
 
 # Runs in the child: the stage script's module body (not its main(), which the __main__ guard
-# keeps from running), then cli()'s set-up, then one JSON line.
+# keeps from running), then command()'s set-up, then one JSON line (mnist_vae.cli in code before
+# process.py, for --root trees of older commits).
 PROBE = """
 import json, resource, runpy, sys
-from mnist_vae.cli import set_up_process
+try:
+    from mnist_vae.process import set_up_process
+except ImportError:
+    from mnist_vae.cli import set_up_process
 runpy.run_path(sys.argv[1], run_name="startup_probe")
 set_up_process()
 print(json.dumps({"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -51,11 +51,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from cpu_noise import cpu_snapshot, others_cpu_share
 from mnist_vae import tracking
-from mnist_vae.cli import set_up_process, set_up_torch
 from mnist_vae.config import Config, DataConfig, ModelConfig, TrainConfig
-from mnist_vae.download import FILES, SYSTEM_DIRS, download, idx_bytes
+from mnist_vae.download import SYSTEM_DIRS, download
 from mnist_vae.files import write_bytes
+from mnist_vae.idx import FILES, idx_bytes
 from mnist_vae.lit import VAL_BATCH_SIZE, LitVAE, VaeDataModule
+from mnist_vae.process import set_up_process, set_up_torch
 from mnist_vae.train import fit
 
 BATCH_SIZE, LR, WEIGHT_DECAY = 128, 1e-3, 0.1
@@ -254,7 +255,6 @@ def measure(args: argparse.Namespace, tmp: Path, imports_rss_mib: float) -> list
         paired = Paired(BareLoop(train, val, seed=1, device=args.device))
         with tracking.pipeline_run(k_cfg) as run:
             result = fit(k_cfg, k_data, run.info.run_id, work_dir=tmp / f"checkpoints-{k}",
-                         models_dir=tmp / f"models-{k}", history_file=tmp / f"history-{k}.csv",
                          callbacks=[paired])
         assert len(result.history) == len(paired.bare.validated_at) == args.epochs, "unequal work"
         lines.append(paired.row(f"fit(), K={k}, {args.epochs} epochs"))

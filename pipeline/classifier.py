@@ -2,11 +2,11 @@
 
 import logging
 
-from mnist_vae.cli import cli
 from mnist_vae.config import load_config
 from mnist_vae.data import load_split, to_float
 from mnist_vae.files import write_json
 from mnist_vae.paths import Paths
+from mnist_vae.process import command
 from mnist_vae.quality import accuracy, save_classifier, train_classifier
 
 
@@ -24,5 +24,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with cli():
+    with command():
         main()

@@ -7,10 +7,12 @@ import shutil
 import mlflow
 
 from mnist_vae import served, tracking
-from mnist_vae.cli import cli
+from mnist_vae.checkpoints import portable_checkpoint_bytes
 from mnist_vae.config import load_config
+from mnist_vae.files import published
 from mnist_vae.lit import VaeDataModule
 from mnist_vae.paths import Paths
+from mnist_vae.process import command
 from mnist_vae.train import fit
 
 
@@ -24,18 +26,19 @@ def main() -> None:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind=other), train=train)
     data = VaeDataModule(cfg.data, cfg.train, paths.data)
     data.setup()
-    with tracking.continue_run(paths.run_file) as parent:
+    with published() as outputs, tracking.continue_run(paths.run_file) as parent:
         with mlflow.start_run(experiment_id=parent.info.experiment_id, nested=True,
                               parent_run_id=parent.info.run_id, run_name=f"{other}-counterpart",
                               tags=tracking.process_tags()) as run:
             mlflow.log_params(tracking.run_params(cfg))
-            result = fit(cfg, data, run.info.run_id, work_dir=paths.counterpart_checkpoints,
-                         models_dir=paths.counterpart)
+            result = fit(cfg, data, run.info.run_id, work_dir=paths.counterpart_checkpoints)
             tracking.log_results(result.summary())
             served.log_model(result.best_checkpoint, other, data.splits["val"][0][:5].cpu().numpy())
+        for name in ("best.ckpt", "last.ckpt"):
+            outputs.write(paths.counterpart / name, portable_checkpoint_bytes(paths.counterpart_checkpoints / name))
     shutil.rmtree(paths.counterpart_checkpoints)
 
 
 if __name__ == "__main__":
-    with cli():
+    with command():
         main()

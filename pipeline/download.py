@@ -2,10 +2,10 @@
 
 import logging
 
-from mnist_vae.cli import cli
 from mnist_vae.config import load_config
 from mnist_vae.download import download
 from mnist_vae.paths import Paths
+from mnist_vae.process import command
 
 
 def main() -> None:
@@ -18,5 +18,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with cli():
+    with command():
         main()

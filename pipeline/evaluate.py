@@ -6,14 +6,15 @@ import logging
 import mlflow
 import torch
 
-from mnist_vae import served, tracking
-from mnist_vae.cli import cli
+from mnist_vae import registry, tracking
+from mnist_vae.checkpoints import load_vae
 from mnist_vae.config import load_config
 from mnist_vae.data import binarize, load_split
-from mnist_vae.download import DataSource
-from mnist_vae.evaluate import collapse_warning, evaluate, format_metrics, load_vae
+from mnist_vae.evaluate import collapse_warning, evaluate, format_metrics
 from mnist_vae.files import write_json
+from mnist_vae.idx import DataSource
 from mnist_vae.paths import Paths
+from mnist_vae.process import command
 from mnist_vae.quality import latent_probe_accuracy, load_classifier, sample_quality
 
 log = logging.getLogger("mnist_vae.pipeline")
@@ -38,7 +39,7 @@ def main() -> None:
         tracking.log_results(metrics)
         mlflow.set_tag("data.binarize", cfg.data.binarize)
         # Here, where the test metrics are known: the registry ranks versions by them.
-        served.register(run.info.run_id, cfg.model.kind, source.digest, cfg.data.binarize, metrics)
+        registry.register(run.info.run_id, cfg.model.kind, source.digest, cfg.data.binarize, metrics)
         if warning := collapse_warning(metrics):
             log.warning("WARNING: %s", warning)
             mlflow.set_tag("posterior_collapse", "true")
@@ -47,5 +48,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with cli():
+    with command():
         main()

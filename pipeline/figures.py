@@ -5,12 +5,12 @@ import csv
 import mlflow
 
 from mnist_vae import tracking
-from mnist_vae.cli import cli
+from mnist_vae.checkpoints import load_vae
 from mnist_vae.config import load_config
 from mnist_vae.data import load_split
-from mnist_vae.download import DataSource
-from mnist_vae.evaluate import load_vae
+from mnist_vae.idx import DataSource
 from mnist_vae.paths import Paths
+from mnist_vae.process import command
 
 
 def main() -> None:
@@ -31,5 +31,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with cli():
+    with command():
         main()

@@ -9,11 +9,13 @@ import subprocess
 
 import yaml
 
-from mnist_vae.cli import ArgumentParser, cli
-from mnist_vae.config import ConfigError, SweepConfig, load_config
-from mnist_vae.download import SOURCE_FILE
+from mnist_vae.config import SweepConfig, check_sweepable, load_config
+from mnist_vae.errors import ArgumentParser
+from mnist_vae.idx import SOURCE_FILE
 from mnist_vae.paths import Paths
-from mnist_vae.sweep import check_storage, run_sweep
+from mnist_vae.process import command
+from mnist_vae.study import check_storage
+from mnist_vae.sweep import run_sweep
 
 
 def parse_overrides(argv: list[str] | None = None) -> dict:
@@ -30,13 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = Paths.of()
     overrides = parse_overrides(argv)
     cfg = load_config(paths.params, overrides=overrides)
-    if cfg.model.kind != "vae":
-        raise ConfigError("params.yaml: model.kind = 'ae'; the sweep tunes a VAE (its kl_weight and "
-                          "ELBO), set model.kind: vae")
-    if (devices := cfg.train.devices * cfg.train.num_nodes) > 1:
-        raise ConfigError(f"params.yaml: train.devices * train.num_nodes = {devices}; the sweep trains "
-                          "each trial on one device (run trials in parallel with --workers N), set "
-                          "train.devices: 1 and train.num_nodes: 1")
+    check_sweepable(cfg, paths.params.name)
     # A bad URL or a missing driver: one line, before any download.
     check_storage(cfg.sweep.storage, "--storage" if "sweep.storage" in overrides else
                   f"{paths.params.name}: sweep.storage =")
@@ -46,5 +42,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    with cli():
+    with command():
         main()

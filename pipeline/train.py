@@ -1,9 +1,9 @@
 """DVC stage `train`: fit the VAE into models/, in the pipeline's MLflow run; resumes a killed run."""
 
-from mnist_vae.cli import cli
 from mnist_vae.config import load_config
 from mnist_vae.paths import Paths
-from mnist_vae.train import train_stage
+from mnist_vae.process import command
+from mnist_vae.train_stage import train_stage
 
 
 def main() -> None:
@@ -13,5 +13,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with cli():
+    with command():
         main()

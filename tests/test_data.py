@@ -15,7 +15,8 @@ import torch
 
 from mnist_vae.config import DataConfig
 from mnist_vae.data import ShuffledBatches, binarize, load_split
-from mnist_vae.download import FILES, DataError, download, fetch, idx_bytes, read_idx
+from mnist_vae.download import download, fetch
+from mnist_vae.idx import FILES, DataError, idx_bytes, read_idx
 
 
 def test_idx_round_trip_gz_and_raw(tmp_path):

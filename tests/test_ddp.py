@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from mnist_vae.config import ConfigError, DataConfig, TrainConfig, from_dict
+from mnist_vae.config import ConfigError, DataConfig, TrainConfig
 from mnist_vae.data import ShuffledBatches
 from mnist_vae.download import download
 from mnist_vae.lit import VaeDataModule
@@ -140,11 +140,11 @@ def test_sweep_refuses_several_devices(project):
 
 
 @pytest.mark.parametrize(("key", "value", "expected"), [
-    ("devices", 0, "train.devices = 0; expected an integer from 1 to 1024 (devices per machine)"),
+    ("devices", 0, "train.devices = 0; expected an integer from 1 to 1,024 (devices per machine)"),
     ("num_nodes", 2.5, "train.num_nodes = 2.5; expected an integer"),
     ("strategy", "ddp_spawn", "train.strategy = 'ddp_spawn'; expected one of auto, ddp"),
 ])
-def test_bad_device_keys_are_one_line_errors(key, value, expected):
+def test_bad_device_keys_are_one_line_errors(config_from, key, value, expected):
     with pytest.raises(ConfigError) as err:
-        from_dict({"train": {key: value}})
+        config_from({"train": {key: value}})
     assert str(err.value) == f"params.yaml: {expected} (fix it in params.yaml or with dvc exp run -S)"

@@ -77,7 +77,7 @@ def test_import_scan_follows_relative_and_indirect_imports():
     # pipeline/evaluate.py imports quality.py, which imports files.py only through train.py or
     # figures.py: the chain the hand-written deps once missed.
     modules = imported_modules(Path("pipeline/evaluate.py"))
-    assert {PACKAGE_DIR / "__init__.py", PACKAGE_DIR / "cli.py", PACKAGE_DIR / "evaluate.py",
+    assert {PACKAGE_DIR / "__init__.py", PACKAGE_DIR / "process.py", PACKAGE_DIR / "evaluate.py",
             PACKAGE_DIR / "quality.py", PACKAGE_DIR / "files.py"} <= modules
     assert imported_modules(Path("pipeline/download.py")) >= {PACKAGE_DIR / "download.py"}
 

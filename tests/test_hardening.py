@@ -47,7 +47,7 @@ import torch
 import yaml
 
 from mnist_vae.__main__ import main as cli_main
-from mnist_vae.download import FILES, idx_bytes, read_idx
+from mnist_vae.idx import FILES, idx_bytes, read_idx
 
 from .conftest import BIN, make_project, mlflow_runs, run, tiny_params
 

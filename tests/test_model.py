@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from mnist_vae.cli import PipelineError
-from mnist_vae.evaluate import active_units, collapse_warning, evaluate, kl_per_dimension, load_vae
+from mnist_vae.checkpoints import load_vae
+from mnist_vae.errors import PipelineError
+from mnist_vae.evaluate import active_units, collapse_warning, evaluate, kl_per_dimension
 from mnist_vae.lit import LitVAE
 from mnist_vae.model import VAE, iwae_nll, neg_elbo_terms
 
@@ -163,7 +164,7 @@ def test_the_autoencoder_has_no_elbo_to_report():
 @pytest.mark.parametrize("set_up", [True, False])
 def test_a_stage_flushes_subnormal_floats_to_zero_in_every_thread(set_up):
     # 2**20 elements: a parallel op, so torch's worker threads compute parts of it too.
-    code = ("import os, torch; from mnist_vae.cli import set_up_torch\n"
+    code = ("import os, torch; from mnist_vae.process import set_up_torch\n"
             f"if {set_up}: set_up_torch()\n"
             "x = torch.full((2**20,), 1e-39) * 1.0\n"
             "print(int((x == 0).sum()), torch.get_num_threads(), min(4, os.cpu_count()))")

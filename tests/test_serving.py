@@ -19,9 +19,9 @@ import mlflow
 import numpy as np
 import pytest
 
+from mnist_vae.checkpoints import load_vae
 from mnist_vae.data import load_split, to_float
-from mnist_vae.download import DataSource
-from mnist_vae.evaluate import load_vae
+from mnist_vae.idx import DataSource
 
 from .conftest import BIN, artifact_paths, make_project, mlflow_runs, pipeline_runs, run
 

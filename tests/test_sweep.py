@@ -58,7 +58,8 @@ def test_a_hopeless_trial_is_pruned(project, monkeypatch):
     sweep(project, "--n-trials", "2", "--seed", "0")
     monkeypatch.chdir(project)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
-    from mnist_vae.sweep import PARENT_RUN_ATTR, Objective, open_study
+    from mnist_vae.study import PARENT_RUN_ATTR, open_study
+    from mnist_vae.sweep import Objective
 
     cfg = load_config("params.yaml", overrides={"sweep.max_epochs": 3, "sweep.pruner_startup_trials": 2,
                                  "sweep.pruner_warmup_epochs": 1,

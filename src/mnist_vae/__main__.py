@@ -9,13 +9,15 @@ from pathlib import Path
 
 import torch
 
-from .cli import ArgumentParser, PipelineError, cli
+from .checkpoints import load_vae
 from .config import MAX_IWAE_SAMPLES
 from .data import binarize
-from .download import read_idx
-from .evaluate import evaluate, load_vae
+from .errors import ArgumentParser, PipelineError
+from .evaluate import evaluate
+from .idx import read_idx
 from .model import VAE
 from .paths import Paths
+from .process import command
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.seed < 0:
         ev.error(f"--seed {args.seed}: expected an integer >= 0")
 
-    with cli():
+    with command():
         vae = load_vae(args.checkpoint) if args.checkpoint else load_model(args.model)
         images = read_idx(args.images)
         if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) == 0:

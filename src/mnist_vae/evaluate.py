@@ -2,69 +2,11 @@
 
 from __future__ import annotations
 
-import pickle
-import warnings
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
-from .cli import PipelineError
 from .data import to_float
-from .model import VAE, bernoulli_nll, iwae_nll, neg_elbo_terms
-
-
-class UnsafeCheckpointError(PipelineError):
-    """A file that would run pickled code if loaded without weights_only: never ignored."""
-
-
-def load_checkpoint(path: Path | str, keys: tuple[str, ...] = ("state_dict", "hyper_parameters")) -> dict:
-    """A checkpoint's contents, loaded with weights_only=True: one carrying pickled code is
-    refused, never run. Every way it can be wrong is one PipelineError naming the file."""
-    path = Path(path)
-    if path.is_dir():
-        raise PipelineError(f"{path}: a directory, not a checkpoint file; pass a .ckpt file the "
-                            "train stage wrote, such as models/best.ckpt")
-    if not path.is_file():
-        raise PipelineError(f"{path}: no such checkpoint file; run `dvc repro train` first, or "
-                            "pass a .ckpt file the train stage wrote")
-    try:
-        with warnings.catch_warnings():  # torch warns about unusual pickle protocols: noise here
-            warnings.simplefilter("ignore")
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # weights_only names the blocked class ("GLOBAL posix.system") only for pickled code;
-        # random bytes or a text file fail on an opcode instead.
-        if "GLOBAL" in str(err):
-            raise UnsafeCheckpointError(f"{path}: refused, it holds more than tensors and plain "
-                                        "values (pickled code); load only checkpoints you trust") from None
-        raise PipelineError(f"{path}: not a PyTorch checkpoint; pass a .ckpt file the train "
-                            "stage wrote") from None
-    except Exception:  # noqa: BLE001  the unpickler of an arbitrary file fails in arbitrary ways
-        raise PipelineError(f"{path}: empty, truncated or not a PyTorch checkpoint; pass a .ckpt "
-                            "file the train stage wrote") from None
-    if not isinstance(saved, dict) or not set(keys) <= saved.keys():
-        raise PipelineError(f"{path}: not a Lightning checkpoint of this project (a bare "
-                            "state_dict?); pass a .ckpt file the train stage wrote")
-    return saved
-
-
-def load_vae(checkpoint: Path | str) -> VAE:
-    """The VAE (or AE) of a train-stage checkpoint, in eval mode, without importing Lightning."""
-    saved = load_checkpoint(checkpoint)
-    hp = saved["hyper_parameters"]
-    weights = {k.removeprefix("vae."): v for k, v in saved["state_dict"].items()
-               if k.startswith("vae.")}
-    try:
-        vae = VAE(list(hp["hidden_dims"]), int(hp["latent_dim"]), variational=hp.get("kind", "vae") == "vae")
-        vae.load_state_dict(weights)
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        # load_state_dict's first line only says "Error(s) in loading"; the next names the tensor.
-        reason = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()),
-                      str(err).strip()).rstrip(".")
-        raise PipelineError(f"{checkpoint}: its weights do not match its hyperparameters "
-                            f"({reason}); pass a .ckpt file the train stage wrote") from None
-    return vae.eval()
+from .model import VAE, bernoulli_nll, iwae_nll, kl_divergence, neg_elbo_terms
 
 
 @torch.inference_mode()
@@ -120,7 +62,7 @@ def encode(vae: VAE, images: Tensor, batch_size: int = 2048) -> tuple[Tensor, Te
 def kl_per_dimension(vae: VAE, images: Tensor) -> Tensor:
     """(latent_dim,) mean KL(q(z_d|x) || N(0, 1)) over the images, in nats: which dims are used."""
     mu, logvar = encode(vae, images)
-    return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).mean(0)
+    return kl_divergence(mu, logvar).mean(0)
 
 
 def collapse_warning(metrics: dict[str, float]) -> str | None:

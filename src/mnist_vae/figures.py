@@ -169,7 +169,7 @@ def draw_all(vae: VAE, images: Tensor, labels: Tensor, history: list[dict[str, f
     out_dir = Path(out_dir)
     paths = [
         latent_space(mu, labels, CLASS_NAMES[dataset], out_dir / "latent_space.png"),
-        reconstructions(shown, decode(vae.encode(shown)[0]), out_dir / "reconstructions.png"),
+        reconstructions(shown, vae.reconstruct(shown), out_dir / "reconstructions.png"),
         prior_samples(decode(z_prior), out_dir / "prior_samples.png"),
         interpolation(decode(z_interpolated), out_dir / "interpolation.png"),
         latent_grid(decode(z_grid), cfg.grid_size, vae.latent_dim, out_dir / "latent_grid.png"),

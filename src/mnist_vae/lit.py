@@ -11,9 +11,9 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from .cli import PipelineError
 from .config import DataConfig, ModelConfig, TrainConfig
 from .data import batches, load_split, split_train_val
+from .errors import PipelineError
 from .model import VAE, bernoulli_nll, neg_elbo_terms
 
 VAL_BATCH_SIZE = 1024

@@ -53,6 +53,10 @@ class VAE(nn.Module):
         z = self.reparameterize(mu, logvar) if self.variational else mu
         return self.decode(z), mu, logvar
 
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """The Bernoulli means of decode(mu): the deterministic reconstruction that figures show."""
+        return torch.sigmoid(self.decode(self.encode(x)[0]))
+
 
 def bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
     """-log p(x | logits) summed over pixels, (...,) in nats: BCE with logits, x broadcast.
@@ -65,13 +69,16 @@ def bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
     return (F.relu(logits) + torch.log(1 + torch.exp(-logits.abs())) - x * logits).sum(-1)
 
 
+def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(q(z_d|x) || N(0, 1)) per latent dimension, (..., latent_dim) in nats: the closed form of
+    Kingma & Welling 2014, Appendix B."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+
+
 def neg_elbo_terms(logits: Tensor, x: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
     """Per-image reconstruction -log p(x|z) and KL(q(z|x) || N(0, I)), both (batch,) in nats.
-
-    The KL is the closed form of Kingma & Welling 2014, Appendix B. -ELBO = recon + KL.
-    """
-    kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)
-    return bernoulli_nll(logits, x), kl
+    -ELBO = recon + KL."""
+    return bernoulli_nll(logits, x), kl_divergence(mu, logvar).sum(-1)
 
 
 def iwae_nll(vae: VAE, x: Tensor, k: int, max_elements: int = 2**20) -> Tensor:

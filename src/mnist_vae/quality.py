@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cli import PipelineError
+from .checkpoints import checkpoint_bytes, load_checkpoint
 from .config import ClassifierConfig
 from .data import to_float
-from .evaluate import encode, load_checkpoint
-from .files import torch_bytes, write_bytes
+from .errors import PipelineError
+from .evaluate import encode
+from .files import write_bytes
 from .model import IMAGE_PIXELS, VAE, mlp
 
 N_CLASSES = 10
@@ -54,7 +55,7 @@ def accuracy(model: Classifier, x: Tensor, labels: Tensor) -> float:
 
 
 def save_classifier(model: Classifier, hidden_dims: list[int], path: Path) -> None:
-    write_bytes(path, torch_bytes({"hidden_dims": hidden_dims, "state_dict": model.state_dict()}))
+    write_bytes(path, checkpoint_bytes({"hidden_dims": hidden_dims, "state_dict": model.state_dict()}))
 
 
 def load_classifier(path: Path) -> Classifier:
@@ -91,7 +92,7 @@ def sample_quality(vae: VAE, classifier: Classifier, images: Tensor, labels: Ten
     z = torch.randn(n_samples, vae.latent_dim, generator=torch.Generator().manual_seed(seed))
     samples = torch.sigmoid(vae.decode(z))
     x = to_float(images)
-    reconstructions = torch.sigmoid(vae.decode(vae.encode(x)[0]))
+    reconstructions = vae.reconstruct(x)
     return {
         "sample_fd": frechet_distance(classifier.features(samples), classifier.features(x)),
         "sample_confidence": F.softmax(classifier(samples), 1).max(1).values.mean().item(),

@@ -1,5 +1,5 @@
 """The trained VAE as an MLflow Model: what `mlflow.pyfunc.load_model` and `mlflow models serve`
-give, its signature, and its versions in the Model Registry with the alias `champion`.
+give, and its signature.
 
 The pyfunc wraps the plain `VAE` of the best checkpoint (no Lightning at serving time). Input:
 float32 images in [0, 1], (n, 784); `params={"method": ...}` picks what `predict` returns:
@@ -10,13 +10,12 @@ float32 images in [0, 1], (n, 784); `params={"method": ...}` picks what `predict
     nll          (n, 784) images -> (n,) IWAE bound on -log p(x), k = params["k"] samples, nats
 
 The AE has no likelihood, so no `nll`. The model carries this package (code_paths), so it loads
-wherever its pip requirements are installed.
+wherever its pip requirements are installed. Its versions in the Model Registry: registry.py.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +25,12 @@ import torch
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
-from .cli import PipelineError
-from .evaluate import load_vae
+from .checkpoints import load_vae
+from .config import MAX_IWAE_SAMPLES
+from .errors import PipelineError
 from .model import IMAGE_PIXELS, iwae_nll
 
-log = logging.getLogger(__name__)
-
 MODEL_NAME = "model"  # the logged model's name in its run: runs:/<run id>/model
-REGISTERED = {"vae": "mnist-vae", "ae": "mnist-ae"}
-CHAMPION = "champion"
-# What "better" means per kind: the test metric the evaluate stage measured, lower is better.
-RANK_METRIC = {"vae": "test_iwae_nll", "ae": "test_recon"}
 METHODS = {"vae": ("encode", "decode", "reconstruct", "nll"), "ae": ("encode", "decode", "reconstruct")}
 DEFAULT_K = 100  # the IWAE samples of evaluate.iwae_samples' default
 NLL_SEED = 0  # the bound is a Monte Carlo estimate: the same request gives the same numbers
@@ -69,10 +63,10 @@ class VaeModel(mlflow.pyfunc.PythonModel):
         if method == "decode":
             return torch.sigmoid(self.vae.decode(x)).numpy()
         if method == "reconstruct":
-            return torch.sigmoid(self.vae.decode(self.vae.encode(x)[0])).numpy()
+            return self.vae.reconstruct(x).numpy()
         k = int(params.get("k", DEFAULT_K))
-        if not 1 <= k <= 10_000:
-            raise ValueError(f"k = {k}: expected an integer from 1 to 10,000 importance samples")
+        if not 1 <= k <= MAX_IWAE_SAMPLES:
+            raise ValueError(f"k = {k}: expected an integer from 1 to {MAX_IWAE_SAMPLES:,} importance samples")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(NLL_SEED)
             return iwae_nll(self.vae, x, k).numpy()
@@ -118,49 +112,3 @@ def load(model_uri: str) -> VaeModel:
         raise PipelineError(f"--model {model_uri}: not a model of this project "
                             f"({type(python_model).__name__}); pass one the train stage logged")
     return python_model
-
-
-# ---------------------------------------------------------------------------------------------
-# The Model Registry
-
-def register(run_id: str, kind: str, data_digest: str, binarize: str,
-             metrics: dict[str, float]) -> mlflow.entities.model_registry.ModelVersion:
-    """Register the run's model as a new version (once per run: a rerun of evaluate updates its
-    tags), and move `champion` to it if it beats the champion on the same data and binarization."""
-    client = mlflow.MlflowClient()
-    name, metric = REGISTERED[kind], RANK_METRIC[kind]
-    tags = {"data.digest": data_digest, "data.binarize": binarize, metric: str(metrics[metric])}
-    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if existing:
-        version = existing[0]
-        for key, value in tags.items():
-            client.set_model_version_tag(name, version.version, key, value)
-    else:
-        version = mlflow.register_model(f"runs:/{run_id}/{MODEL_NAME}", name, tags=tags)
-    reason = _why_not_champion(client, name, version.version, tags, metric)
-    if reason is None:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-        log.info("%s version %s is the %s (%s %.4f)", name, version.version, CHAMPION, metric,
-                 metrics[metric])
-    else:
-        log.info("%s version %s registered; %s stays: %s", name, version.version, CHAMPION, reason)
-    return version
-
-
-def _why_not_champion(client: mlflow.MlflowClient, name: str, version: str,
-                      tags: dict[str, str], metric: str) -> str | None:
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except mlflow.exceptions.MlflowException:  # no champion yet
-        return None
-    if str(champion.version) == str(version):  # the client gives it as int or str
-        return None
-    ours = float(tags[metric])
-    for key in ("data.digest", "data.binarize"):
-        if champion.tags.get(key) != tags[key]:
-            return (f"version {champion.version} was measured on other data ({key} "
-                    f"{champion.tags.get(key)}, this version {tags[key]}): {metric} does not compare")
-    theirs = float(champion.tags[metric])
-    if ours >= theirs:
-        return f"its {metric} {ours:.4f} does not beat version {champion.version}'s {theirs:.4f}"
-    return None

@@ -42,7 +42,7 @@ class EpochImages(L.Callback):
         was_training = vae.training
         vae.eval()
         with torch.inference_mode():
-            recon = torch.sigmoid(vae.decode(vae.encode(x)[0]))
+            recon = vae.reconstruct(x)
             pictures = {"reconstructions": tile(torch.cat([x, recon]).cpu(), N_DIGITS)}
             if vae.variational:
                 z = torch.randn(N_DIGITS**2, vae.latent_dim,

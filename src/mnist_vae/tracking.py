@@ -22,9 +22,9 @@ from filelock import FileLock
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 
-from .cli import PipelineError
 from .config import Config
-from .download import DataSource
+from .errors import PipelineError
+from .idx import DataSource
 from .paths import Paths
 
 log = logging.getLogger(__name__)
@@ -178,10 +178,6 @@ def log_data_source(source: DataSource, context: str) -> None:
     mlflow.set_tags({"data.source": source.source, "data.origin": source.origin,
                      "data.comparable_with_full_dataset": str(source.comparable_with_full_dataset)})
 
-
-# ---------------------------------------------------------------------------------------------
-# What the MLflow UI shows: readable run names, params that configure the run, metrics that
-# measure it
 
 # Values fixed by the config or the data, not measurements: tags, so the metrics tab charts
 # only what was measured (metrics/*.json keep them beside the metrics).

@@ -1,30 +1,17 @@
-"""Running as a command: the process-wide set-up, done once in the entry point, and every
-`PipelineError` shown as one line with exit status 2 instead of a traceback."""
+"""The process around every entry point (a stage, the sweep and its workers, the CLI): the
+environment, warning filters, logging and torch's threads, set once; and `command()`, which
+shows every error a user can fix as one line with exit status 2 instead of a traceback."""
 
 from __future__ import annotations
 
-import argparse
-import errno
 import logging
 import os
-import sqlite3
 import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NoReturn
 
-
-class PipelineError(Exception):
-    """A problem the user can fix (a param, a data file): shown as one line, no traceback."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its errors on one line, as every other error here: its own puts the usage
-    block above them (`--help` still shows it)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from .errors import one_line
 
 
 def set_up_process() -> None:
@@ -54,7 +41,7 @@ def set_up_process() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # MLflow logs the traceback of a SQLite error (a full disk) and then raises it again: the
-    # raised one reaches cli(), as one line for a full disk or its traceback for anything else.
+    # raised one reaches command(), as one line for a full disk or its traceback for anything else.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     # MLflow's notes on its own workings (the system-metrics thread starting and stopping, that a
     # pyfunc is cloudpickled, where the registry found the logged model) and its download bar.
@@ -89,44 +76,14 @@ def set_up_torch(threads: int | None = None) -> None:
 
 
 @contextmanager
-def cli() -> Iterator[None]:
+def command() -> Iterator[None]:
+    """Run an entry point's body: set up the process, then show a user's error as one line."""
     set_up_process()
     set_up_torch()
     try:
         yield
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     except Exception as err:
-        if (line := _outside_error(err)) is None:
+        if (line := one_line(err)) is None:
             raise
         print(f"error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-# The file-system errors a user fixes outside the code. Every output is written atomically, so
-# when one of these stops a stage nothing partial is left and a rerun starts clean.
-_NO_SPACE = "free some disk space (or raise the file-size limit) and rerun"
-_READ_ONLY = "make it writable for this user and rerun"
-OS_ERROR_FIXES = {errno.ENOSPC: _NO_SPACE, errno.EDQUOT: _NO_SPACE, errno.EFBIG: _NO_SPACE,
-                  errno.EROFS: _READ_ONLY, errno.EACCES: _READ_ONLY, errno.EPERM: _READ_ONLY}
-# What SQLite says for the same causes, under MLflow's, Optuna's and SQLAlchemy's wrappers.
-SQLITE_FIXES = {"disk I/O error": _NO_SPACE, "database or disk is full": _NO_SPACE,
-                "attempt to write a readonly database": _READ_ONLY,
-                "unable to open database file": "check that its folder exists and is writable, then rerun"}
-
-
-def _outside_error(err: BaseException) -> str | None:
-    """One line for a full disk or a read-only folder, wherever in the chain of causes it is;
-    None for anything else (a bug: its traceback is what a maintainer needs)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and (fix := OS_ERROR_FIXES.get(err.errno)):
-            return f"{err.filename or 'writing a file'}: {err.strerror}; {fix}"
-        if isinstance(err, sqlite3.Error):
-            reason = str(err).splitlines()[0]
-            if fix := SQLITE_FIXES.get(reason):
-                return f"a SQLite store (mlruns/ or sweeps/) cannot be written: {reason}; {fix}"
-        err = err.__cause__ or err.__context__
-    return None

@@ -1,0 +1,52 @@
+"""One-line errors: `PipelineError` for what a user can fix, argparse's errors on one line, and
+the outside-world failures (a full disk, a read-only folder) named with their fix."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sqlite3
+from typing import NoReturn
+
+
+class PipelineError(Exception):
+    """A problem the user can fix (a param, a data file): shown as one line, no traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one line, as every other error here: its own puts the usage
+    block above them (`--help` still shows it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# The file-system errors a user fixes outside the code. Every output is written atomically, so
+# when one of these stops a stage nothing partial is left and a rerun starts clean.
+_NO_SPACE = "free some disk space (or raise the file-size limit) and rerun"
+_READ_ONLY = "make it writable for this user and rerun"
+OS_ERROR_FIXES = {errno.ENOSPC: _NO_SPACE, errno.EDQUOT: _NO_SPACE, errno.EFBIG: _NO_SPACE,
+                  errno.EROFS: _READ_ONLY, errno.EACCES: _READ_ONLY, errno.EPERM: _READ_ONLY}
+# What SQLite says for the same causes, under MLflow's, Optuna's and SQLAlchemy's wrappers.
+SQLITE_FIXES = {"disk I/O error": _NO_SPACE, "database or disk is full": _NO_SPACE,
+                "attempt to write a readonly database": _READ_ONLY,
+                "unable to open database file": "check that its folder exists and is writable, then rerun"}
+
+
+def one_line(err: BaseException) -> str | None:
+    """The line to show for `err`: its message for a PipelineError; for a full disk or a
+    read-only folder anywhere in its chain of causes, what failed and the fix; None for anything
+    else (a bug: its traceback is what a maintainer needs)."""
+    if isinstance(err, PipelineError):
+        return str(err)
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and (fix := OS_ERROR_FIXES.get(err.errno)):
+            return f"{err.filename or 'writing a file'}: {err.strerror}; {fix}"
+        if isinstance(err, sqlite3.Error):
+            reason = str(err).splitlines()[0]
+            if fix := SQLITE_FIXES.get(reason):
+                return f"a SQLite store (mlruns/ or sweeps/) cannot be written: {reason}; {fix}"
+        err = err.__cause__ or err.__context__
+    return None

@@ -1,0 +1,183 @@
+"""Where a study lives and how machines share it: the Optuna storage (an RDB URL with
+heartbeats, or Optuna's gRPC proxy), creating or joining the study, and the parent-run handshake.
+
+Many machines share one study through one storage (PostgreSQL, or the gRPC proxy in front of it)
+and one MLflow tracking server: the machine whose create_study succeeds creates the study's parent
+run and records its id in the study last; the others wait for that id, then check that their
+tracking store holds the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import mlflow
+import optuna
+
+from . import tracking
+from .config import Config
+from .errors import PipelineError
+from .paths import Paths
+
+log = logging.getLogger(__name__)
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+CLUSTER_EXTRA = "pip install -e '.[cluster]'"
+PARENT_WAIT_S = 60  # how long a joining machine waits for the study's creator to make the parent run
+SQLITE = "sqlite:///"
+GRPC = "grpc://"
+
+
+def storage_url(url: str) -> str:
+    """Resolve a relative SQLite path from the checkout, as the MLflow store is, and make the
+    SQLite file's folder (SQLite creates the file, not its folder)."""
+    if not url.startswith(SQLITE):
+        return url
+    path = Paths.of().checkout / url[len(SQLITE):]  # an absolute path stays itself
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return SQLITE + str(path)
+
+
+def grpc_address(url: str) -> tuple[str, int] | None:
+    """(host, port) of a grpc://host:port URL; None if it is not of that form."""
+    host, _, port = url.removeprefix(GRPC).rstrip("/").rpartition(":")
+    return (host, int(port)) if host and port.isdigit() else None
+
+
+def safe(url: str) -> str:
+    """A storage URL without its password, for messages."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}://...@{rest.split('@', 1)[1]}" if "@" in rest else url
+
+
+def check_storage(url: str, named: str = "sweep.storage =") -> None:
+    """Fail in one line, before any work, if the storage URL cannot work here: an unknown scheme
+    or a missing driver (RDBStorage would say only "Failed to import DB access module").
+    `named` is how the user gave it: "--storage" for the flag."""
+    shown = f"{named} {safe(url)}"
+    if url.startswith(GRPC):
+        if grpc_address(url) is None:
+            raise PipelineError(f"{shown}: expected grpc://host:port")
+        try:
+            import grpc  # noqa: F401  (the proxy client needs it)
+        except ImportError:
+            raise PipelineError(f"{shown}: Optuna's gRPC proxy client needs grpcio; "
+                                f"install it with {CLUSTER_EXTRA}") from None
+        return
+    import sqlalchemy
+
+    try:
+        sqlalchemy.engine.make_url(storage_url(url)).get_dialect().import_dbapi()
+    except ImportError as err:
+        raise PipelineError(f"{shown}: its database driver is missing ({err}); "
+                            f"for PostgreSQL install it with {CLUSTER_EXTRA}") from None
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as err:
+        raise PipelineError(f"{shown}: not a database URL ({err}); expected e.g. "
+                            "sqlite:///sweeps/optuna.db, postgresql://user:pass@host/db or grpc://host:port") from None
+
+
+def open_storage(cfg: Config) -> optuna.storages.BaseStorage:
+    sweep = cfg.sweep
+    url = storage_url(sweep.storage)
+    check_storage(url)
+    if url.startswith(GRPC):
+        return _grpc_storage(url, *grpc_address(url))
+    import sqlalchemy
+
+    # Machines started together on an empty database race to create Optuna's schema (a duplicate
+    # CREATE TYPE or version row); the loser retries and finds the schema made.
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=sweep.heartbeat_s, grace_period=3 * sweep.heartbeat_s,
+                heartbeat_stale_trial_callback=_kill_child_run)
+        except sqlalchemy.exc.DBAPIError:
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _grpc_storage(url: str, host: str, port: int) -> optuna.storages.BaseStorage:
+    storage = optuna.storages.GrpcStorageProxy(host=host, port=port)
+    try:
+        storage.wait_server_ready(timeout=30)
+    except ConnectionError:
+        raise PipelineError(f"sweep.storage = {url}: no Optuna gRPC proxy answers there within 30 s; "
+                            "start it with `python scripts/optuna_grpc_proxy.py --storage <RDB URL>`") from None
+    return storage
+
+
+def _kill_child_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    if run_id := trial.user_attrs.get("mlflow_run_id"):
+        mlflow.MlflowClient(tracking.tracking_uri()).set_terminated(run_id, status="KILLED")
+        log.info("trial %d had died; marked FAIL, its MLflow run KILLED", trial.number)
+
+
+def _search(cfg: Config) -> dict:
+    """How the study proposes and stops trials, the same wherever it is opened."""
+    sweep = cfg.sweep
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials,
+                                          n_warmup_steps=sweep.pruner_warmup_epochs)
+              if sweep.pruner == "median" else optuna.pruners.NopPruner())
+    return {"pruner": pruner, "sampler": optuna.samplers.TPESampler(seed=sweep.seed)}
+
+
+def open_study(cfg: Config, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
+    study = optuna.load_study(study_name=cfg.sweep.study_name, storage=storage or open_storage(cfg),
+                              **_search(cfg))
+    optuna.storages.fail_stale_trials(study)
+    return study
+
+
+def create_or_open_study(cfg: Config) -> tuple[optuna.Study, bool]:
+    """The study, and whether this call created it: of machines starting together, one does."""
+    storage = open_storage(cfg)
+    try:
+        study = optuna.create_study(study_name=cfg.sweep.study_name, storage=storage,
+                                    direction="minimize", **_search(cfg))
+    except optuna.exceptions.DuplicatedStudyError:
+        return open_study(cfg, storage), False
+    return study, True
+
+
+def create_parent_run(study: optuna.Study, cfg: Config, experiment_id: str) -> None:
+    """The creator's half of the handshake: the parent run, recorded in the study last."""
+    client = mlflow.MlflowClient()
+    parent = client.create_run(experiment_id, run_name=f"sweep-{study.study_name}",
+                               tags={"optuna.study": study.study_name})
+    # The first invocation's settings: MLflow params are immutable, and a resumed study may be
+    # run with another n_trials.
+    client.log_batch(parent.info.run_id, params=[
+        mlflow.entities.Param(k, str(v)) for k, v in cfg.flat().items() if k.startswith("sweep.")])
+    study.set_user_attr(PARENT_RUN_ATTR, parent.info.run_id)
+
+
+def wait_for_parent_run(study: optuna.Study, cfg: Config) -> str:
+    """The parent run's id, once its creator has recorded it, checked to be in this store."""
+    deadline = time.monotonic() + PARENT_WAIT_S
+    while (parent_run_id := study.user_attrs.get(PARENT_RUN_ATTR)) is None:
+        if time.monotonic() > deadline:
+            raise PipelineError(f"study {study.study_name!r} in {safe(cfg.sweep.storage)} has no MLflow "
+                                f"parent run after {PARENT_WAIT_S} s: its creator died; delete the study "
+                                "(optuna delete-study) and start again")
+        time.sleep(1)  # user_attrs reads the storage each time
+    try:
+        mlflow.MlflowClient().get_run(parent_run_id)
+    except mlflow.exceptions.MlflowException:
+        raise PipelineError(
+            f"study {study.study_name!r}: its parent MLflow run {parent_run_id} is not in the tracking "
+            f"store {tracking.tracking_uri()}; all machines of a study must log to one tracking "
+            "server: set MLFLOW_TRACKING_URI to the one the study's first machine used") from None
+    return parent_run_id
+
+
+def snapshot_study(study: optuna.Study) -> optuna.Study:
+    """An in-memory copy of the study as it is now: other machines keep adding trials to the
+    shared one, and a summary read from it twice could mix two moments."""
+    snapshot = optuna.create_study(study_name=study.study_name, direction="minimize")
+    snapshot.add_trials(study.get_trials(deepcopy=True))
+    for key, value in study.user_attrs.items():
+        snapshot.set_user_attr(key, value)
+    return snapshot
