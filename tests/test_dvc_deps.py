@@ -1,5 +1,5 @@
 """dvc.yaml stays honest: every module of mnist_vae a stage's script imports, directly or through
-another module, is covered by one of the stage's deps, so a change to it reruns the stage."""
+another module, is covered by the stage's deps, and `dvc status` reports it changed."""
 
 from __future__ import annotations
 
@@ -74,22 +74,21 @@ def importers(module: Path, root: Path = ROOT) -> set[str]:
 
 
 def test_import_scan_follows_relative_and_indirect_imports():
-    # pipeline/evaluate.py imports quality.py, which imports files.py only through train.py or
-    # figures.py: the chain the hand-written deps once missed.
+    # pipeline/evaluate.py reaches model.py and errors.py only through other modules: the kind of
+    # chain that hand-written deps once missed.
     modules = imported_modules(Path("pipeline/evaluate.py"))
     assert {PACKAGE_DIR / "__init__.py", PACKAGE_DIR / "process.py", PACKAGE_DIR / "evaluate.py",
-            PACKAGE_DIR / "quality.py", PACKAGE_DIR / "files.py"} <= modules
+            PACKAGE_DIR / "quality.py", PACKAGE_DIR / "model.py", PACKAGE_DIR / "errors.py"} <= modules
     assert imported_modules(Path("pipeline/download.py")) >= {PACKAGE_DIR / "download.py"}
 
 
 @pytest.mark.parametrize("name", sorted(stages()))
-def test_every_imported_module_is_a_dependency_of_the_stage(name):
+def test_every_stage_depends_on_its_script_and_the_whole_package(name):
+    """The rule dvc.yaml states: whatever a stage imports, directly or not, a change reruns it.
+    The whole package, not the modules a scan finds: a lazy import inside a function counts too."""
     stage = stages()[name]
-    script = script_of(stage)
     deps = dep_paths(stage)
-    assert covered(script, deps), f"{name}: {script} is not among its deps"
-    missing = sorted(str(m) for m in imported_modules(script) if not covered(m, deps))
-    assert not missing, f"stage {name} imports {missing} but does not depend on them in dvc.yaml"
+    assert script_of(stage) in deps and PACKAGE_DIR in deps, f"{name}: deps {deps}"
 
 
 @pytest.mark.slow

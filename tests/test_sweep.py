@@ -2,13 +2,20 @@
 children, pruning, parallel workers."""
 
 import dataclasses
+import json
 import sys
+import tempfile
+from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 
 from mnist_vae.config import load_config
+from mnist_vae.lit import VaeDataModule
+from mnist_vae.sweep import dvc_command, trial_config
+from mnist_vae.train import fit
 
 from .conftest import artifact_paths, mlflow_runs, run
 
@@ -16,6 +23,8 @@ pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow"
 
 SMALL = ["--max-epochs", "2", "--hidden-dims", "[[32], [64, 32]]", "--latent-dim", "[2, 4]",
          "--pruner-startup-trials", "2", "--pruner-warmup-epochs", "1"]
+SMALL_OVERRIDES = {f"sweep.{flag[2:].replace('-', '_')}": yaml.safe_load(value)
+                   for flag, value in zip(SMALL[::2], SMALL[1::2], strict=True)}
 
 
 def sweep(project, *flags):
@@ -28,12 +37,30 @@ def trials(project):
 
 
 
-def test_study_resumes_under_one_parent_run(project):
+def test_study_resumes_under_one_parent_run(project, monkeypatch):
     first = sweep(project, "--n-trials", "3", "--seed", "0")
-    assert len(trials(project)) == 3
-    assert "dvc exp run -S 'model.latent_dim=" in first.stdout
+    study = optuna.load_study(study_name="mnist-vae", storage=f"sqlite:///{project / 'sweeps' / 'optuna.db'}")
+    assert len(study.trials) == 3
+    # Trial 0 is params.yaml's own model (conftest's tiny one), measured like any other.
+    assert study.trials[0].params == {"latent_dim": 2, "kl_weight": 1.0, "hidden_dims": "[64, 32]"}
+    assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
+    # best_params.yaml and the rerun line are the study's best trial.
     best = yaml.safe_load((project / "sweeps" / "best_params.yaml").read_text())
-    assert set(best["model"]) == {"latent_dim", "kl_weight", "hidden_dims"}
+    expected = {**study.best_params, "hidden_dims": json.loads(study.best_params["hidden_dims"])}
+    assert best == {"model": expected}
+    assert first.stdout.strip().splitlines()[-1].strip() == dvc_command(best)
+    # A trial's value is what the one training path returns for its config.
+    monkeypatch.chdir(project)
+    cfg = load_config("params.yaml", overrides=SMALL_OVERRIDES)
+    baseline = trial_config(cfg, optuna.trial.FixedTrial(study.trials[0].params))
+    torch.set_flush_denormal(True)  # as the sweep's process sets it up
+    try:
+        with tempfile.TemporaryDirectory() as work_dir:
+            result = fit(baseline, VaeDataModule(cfg.data, cfg.train, project / "data"),
+                         work_dir=Path(work_dir), progress=False)
+    finally:
+        torch.set_flush_denormal(False)
+    assert result.best["val_neg_elbo"] == study.trials[0].value
 
     sweep(project, "--n-trials", "2")
     study_trials = trials(project)
@@ -61,9 +88,7 @@ def test_a_hopeless_trial_is_pruned(project, monkeypatch):
     from mnist_vae.study import PARENT_RUN_ATTR, open_study
     from mnist_vae.sweep import Objective
 
-    cfg = load_config("params.yaml", overrides={"sweep.max_epochs": 3, "sweep.pruner_startup_trials": 2,
-                                 "sweep.pruner_warmup_epochs": 1,
-                                 "sweep.hidden_dims": [[32], [64, 32]], "sweep.latent_dim": [2, 4]})
+    cfg = load_config("params.yaml", overrides={**SMALL_OVERRIDES, "sweep.max_epochs": 3})
     study = open_study(cfg)
     study.enqueue_trial({"latent_dim": 2, "kl_weight": 1.0, "hidden_dims": "[32]"})
     # A learning rate this small leaves the model where it started: far above the median.
