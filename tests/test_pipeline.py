@@ -1,13 +1,14 @@
 """End to end, in a temp git repo: the real `dvc repro`, `dvc exp run` and CLI, with tiny params."""
 
 import json
+import shlex
 import sys
 import time
 
 import pytest
 import yaml
 
-from .conftest import artifact_paths, metric_steps, mlflow_runs, pipeline_runs, run
+from .conftest import ROOT, artifact_paths, metric_steps, mlflow_runs, pipeline_runs, run
 
 pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow" -n 0) skips it
 
@@ -55,12 +56,24 @@ def test_repro_then_noop_then_experiment(project):
     assert variant.data.tags["data.binarize"] == "dynamic"
     assert variant.data.tags.get("dvc.exp_name")
     assert "test_iwae_nll" in run(["dvc", "exp", "show", "--json"], project).stdout
+    # The README's comparison fits a terminal: drawn 400 columns wide, no line passes 120.
+    table = run([*readme_command("dvc exp show --only-changed"), "--no-pager"], project,
+                env_extra={"COLUMNS": "400"}).stdout
+    assert max(len(line) for line in table.splitlines()) <= 120, table
+    assert all(column in table for column in ("test_iwae_nll", "model.latent_dim", "data.binarize")), table
 
     # The evaluate CLI scores any checkpoint on any IDX image file; JSON on the last line.
     out = run([sys.executable, "-m", "mnist_vae", "evaluate", "--checkpoint", "models/best.ckpt",
                "--images", "data/t10k-images-idx3-ubyte.gz", "--iwae-samples", "3"], project)
     scored = json.loads(out.stdout.strip().splitlines()[-1])
     assert METRIC_KEYS <= set(scored) and scored["n_test"] == 500
+
+
+def readme_command(start: str) -> list[str]:
+    """The README's command that begins with `start`, from its table (pipes escaped there)."""
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines() if f"`{start}" in line)
+    rest = line.split(f"`{start}", 1)[1].split("`", 1)[0]
+    return shlex.split(start + rest.replace("\\|", "|"))
 
 
 def test_queued_experiments_in_parallel_both_land_in_the_projects_store(project):

@@ -3,8 +3,13 @@ children, pruning, parallel workers."""
 
 import dataclasses
 import json
+import re
+import socket
+import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import optuna
@@ -17,7 +22,7 @@ from mnist_vae.lit import VaeDataModule
 from mnist_vae.sweep import dvc_command, trial_config
 from mnist_vae.train import fit
 
-from .conftest import artifact_paths, mlflow_runs, run
+from .conftest import BIN, artifact_paths, mlflow_runs, run
 
 pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow" -n 0) skips it
 
@@ -49,6 +54,12 @@ def test_study_resumes_under_one_parent_run(project, monkeypatch):
     expected = {**study.best_params, "hidden_dims": json.loads(study.best_params["hidden_dims"])}
     assert best == {"model": expected}
     assert first.stdout.strip().splitlines()[-1].strip() == dvc_command(best)
+    # Quiet: a line per trial, none of Optuna's experimental-feature warnings, floats shortened.
+    assert "Warning" not in first.stderr and "experimental" not in first.stderr, first.stderr
+    trial_lines = [line for line in first.stderr.splitlines() if line.startswith("trial ")]
+    assert len(trial_lines) == 3 and re.search(r"kl_weight 1\b", trial_lines[0]), trial_lines
+    assert not re.search(r"\d\.\d{6}", first.stderr), first.stderr
+    assert study.metric_names == ["val_neg_elbo"]
     # A trial's value is what the one training path returns for its config.
     monkeypatch.chdir(project)
     cfg = load_config("params.yaml", overrides=SMALL_OVERRIDES)
@@ -79,6 +90,33 @@ def test_study_resumes_under_one_parent_run(project, monkeypatch):
     assert "best_val_neg_elbo" in parent.data.metrics
     plots = artifact_paths(project, parent.info.run_id, "plots")
     assert "plots/rate_distortion.png" in plots and "plots/optimization_history.png" in plots
+
+
+def test_optuna_dashboard_names_the_objective(project):
+    sweep(project, "--n-trials", "1")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([str(BIN / "optuna-dashboard"), f"sqlite:///{project / 'sweeps' / 'optuna.db'}",
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
+                    studies = json.loads(response.read())["study_summaries"]
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "optuna-dashboard did not start"
+                time.sleep(0.5)
+        (study,) = studies
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}") as response:
+            detail = json.loads(response.read())
+        assert study["study_name"] == "mnist-vae" and detail["objective_names"] == ["val_neg_elbo"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_a_hopeless_trial_is_pruned(project, monkeypatch):

@@ -28,11 +28,15 @@ def set_up_process() -> None:
     # GPU it makes every optimizer step query NVML (~43 us) instead of using the cached answer.
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     # In-memory batches need no DataLoader workers; the others are Lightning's own, not ours.
-    # Optuna calls heartbeats, fail_stale_trials and its matplotlib plots experimental.
+    # Optuna calls heartbeats ("Argument heartbeat_interval is an experimental feature"),
+    # fail_stale_trials and its matplotlib plots experimental: we use them on purpose.
     # Under DDP LitVAE sums its epoch metrics across ranks itself, so Lightning's advice to
     # log with sync_dist (a mean of per-rank means) is not for us.
     for message in (".*does not have many workers.*", ".*isinstance.treespec, LeafSpec.*",
                     "Checkpoint directory .* exists and is not empty", ".* is experimental .*",
+                    ".* is an experimental feature.*",
+                    # Optuna's slice plot of a parameter every trial so far shares.
+                    "Attempting to set identical low and high xlims",
                     ".*when logging on epoch level in distributed setting.*"):
         warnings.filterwarnings("ignore", message)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 CLUSTER_EXTRA = "pip install -e '.[cluster]'"
 PARENT_WAIT_S = 60  # how long a joining machine waits for the study's creator to make the parent run
+OBJECTIVE = "val_neg_elbo"
 SQLITE = "sqlite:///"
 GRPC = "grpc://"
 
@@ -139,14 +140,18 @@ def create_or_open_study(cfg: Config) -> tuple[optuna.Study, bool]:
                                     direction="minimize", **_search(cfg))
     except optuna.exceptions.DuplicatedStudyError:
         return open_study(cfg, storage), False
+    study.set_metric_names([OBJECTIVE])  # so optuna-dashboard and Optuna's plots name the axis
     return study, True
 
 
 def create_parent_run(study: optuna.Study, cfg: Config, experiment_id: str) -> None:
     """The creator's half of the handshake: the parent run, recorded in the study last."""
     client = mlflow.MlflowClient()
-    parent = client.create_run(experiment_id, run_name=f"sweep-{study.study_name}",
-                               tags={"optuna.study": study.study_name})
+    parent = client.create_run(experiment_id, run_name=f"sweep-{study.study_name}", tags={
+        "optuna.study": study.study_name, "run.kind": "sweep",
+        # The run's description in MLflow's UI, so the parent stands apart from pipeline runs.
+        "mlflow.note.content": f"Optuna study `{study.study_name}`: one child run per trial, the best "
+                               f"trial in the best.* tags, the study's plots under plots/."})
     # The first invocation's settings: MLflow params are immutable, and a resumed study may be
     # run with another n_trials.
     client.log_batch(parent.info.run_id, params=[

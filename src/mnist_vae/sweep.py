@@ -89,8 +89,13 @@ def _report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     except ValueError:
         best = "no complete trial yet"
     value = f"{trial.value:.2f}" if trial.value is not None else "-"
-    log.info("trial %d %s: val_neg_elbo %s | %d complete, %s",
-             trial.number, trial.state.name, value, done, best)
+    log.info("trial %d %s (%s): val_neg_elbo %s | %d complete, %s",
+             trial.number, trial.state.name, shown_params(trial.params), value, done, best)
+
+
+def shown_params(params: dict) -> str:
+    """A trial's params for a log line: kl_weight to 3 significant digits, not 2.1300008180604357."""
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
 
 
 def _worker(cfg: Config, n_trials: int, parent_run_id: str, threads: int) -> None:
@@ -105,6 +110,7 @@ def _worker(cfg: Config, n_trials: int, parent_run_id: str, threads: int) -> Non
 def run_sweep(cfg: Config) -> optuna.Study:
     """Add cfg.sweep.n_trials trials to the study, in cfg.sweep.workers processes; then summarise
     a snapshot of it, and close the parent run if no trial is running anywhere."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
     experiment_id = tracking.use_experiment()
     tracking.close_dead_runs(experiment_id)
     study, created = create_or_open_study(cfg)
@@ -201,8 +207,8 @@ def write_best_params(snapshot: optuna.Study, out_dir: Path) -> None:
     """sweeps/best_params.yaml and the printed line that reruns the pipeline with the best trial."""
     best_trial, best = snapshot.best_trial, best_params(snapshot)
     write_bytes(out_dir / "best_params.yaml", yaml.safe_dump(best, sort_keys=False).encode())
-    log.info("best trial %d: val_neg_elbo %.2f, %s", best_trial.number, best_trial.value,
-             best_trial.params)
+    log.info("best trial %d: val_neg_elbo %.2f (%s)", best_trial.number, best_trial.value,
+             shown_params(best_trial.params))
     print(f"Rerun the full pipeline with the best trial:\n  {dvc_command(best)}")
 
 

@@ -15,11 +15,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import lightning as L
 import mlflow
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from mlflow.entities import Metric, RunTag
+from tqdm import tqdm
 
 from . import tracking
 from .config import Config, TrainConfig
@@ -110,14 +112,62 @@ class EpochLines(L.Callback):
                  metrics, time.perf_counter() - self.started)
 
 
-class ProgressBar(TQDMProgressBar):
-    """Lightning's bar with two decimals: its default 3 significant digits show 160.0 for
-    every epoch between 159.95 and 160.05, and training looks stalled."""
+class ImageBar(L.Callback):
+    """A bar per epoch counted in images, advanced after every optimizer update: Lightning's own
+    counts calls, and at train.steps_per_call 16 an epoch of the offline sample is 2 calls, so
+    it sat at 0/2 while the epochs went by. A step hook on the optimizer sees each update,
+    whichever loop makes it. The last epoch's val_neg_elbo (val_recon for the AE) rides along,
+    to two decimals: three significant digits show 160 for a whole run."""
 
-    def get_metrics(self, trainer: L.Trainer, module: L.LightningModule) -> dict:
-        metrics = super().get_metrics(trainer, module)
-        metrics.pop("v_num", None)
-        return {k: f"{v:.2f}" if isinstance(v, float) else v for k, v in metrics.items()}
+    def __init__(self, file: TextIO | None = None, mininterval: float = 0.2) -> None:
+        self.file, self.mininterval, self.bar, self.shown = file, mininterval, None, ""
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.step_images = module.hparams.batch_size
+        self.hook = trainer.optimizers[0].register_step_post_hook(lambda *_: self._advance())
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        images = len(trainer.datamodule.splits["train"][0]) // trainer.world_size
+        self.bar = tqdm(total=images, unit="img", unit_scale=True, file=self.file or sys.stderr,
+                        desc=f"epoch {trainer.current_epoch}/{trainer.max_epochs - 1}",
+                        postfix=self.shown, dynamic_ncols=True, mininterval=self.mininterval)
+
+    def _advance(self) -> None:
+        if self.bar is not None:  # the last batch of an epoch may be short: the bar ends at its total
+            self.bar.update(min(self.step_images, self.bar.total - self.bar.n))
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.bar is None:
+            return
+        self.shown = f"{module.monitor} {float(trainer.callback_metrics[module.monitor]):.2f}"
+        self.bar.set_postfix_str(self.shown, refresh=False)
+        self.bar.close()
+        self.bar = None
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.hook.remove()
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Summary(L.Callback):
+    """One closing line: epochs, time, images/s and the best epoch, on a terminal or in a log."""
+
+    def __init__(self, history: History, monitor: str) -> None:
+        self.history, self.monitor = history, monitor
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.started, self.first_epoch = time.perf_counter(), trainer.current_epoch
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        epochs = trainer.current_epoch - self.first_epoch
+        if not trainer.is_global_zero or not self.history.rows or epochs < 1:
+            return
+        seconds = time.perf_counter() - self.started
+        images = epochs * len(trainer.datamodule.splits["train"][0])
+        best = min(self.history.rows, key=lambda row: row[self.monitor])
+        log.info("trained %d epochs in %.1f s (%s images/s); best epoch %d: %s %.2f", epochs, seconds,
+                 f"{images / seconds:,.0f}", best["epoch"], self.monitor, best[self.monitor])
 
 
 def fit(cfg: Config, data: VaeDataModule, run_id: str | None = None, *, work_dir: Path,
@@ -138,14 +188,12 @@ def fit(cfg: Config, data: VaeDataModule, run_id: str | None = None, *, work_dir
     all_callbacks: list[L.Callback] = [best, last, history]
     if run_id is not None:
         all_callbacks.append(EpochMetricsLogger(run_id, module.monitor))
-    show_bar = progress and sys.stderr.isatty()
-    if show_bar:
-        all_callbacks.append(ProgressBar(refresh_rate=10))
-    elif progress:
-        all_callbacks.append(EpochLines())
+    if progress:
+        all_callbacks += [ImageBar() if sys.stderr.isatty() else EpochLines(),
+                          Summary(history, module.monitor)]
     all_callbacks += callbacks  # last: a pruning callback may stop the epoch after it is logged
     trainer = L.Trainer(max_epochs=cfg.train.max_epochs, logger=False, callbacks=all_callbacks,
-                        enable_progress_bar=show_bar, enable_model_summary=False,
+                        enable_progress_bar=False, enable_model_summary=False,
                         **_devices(cfg.train))
     trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     return FitResult(Path(work_dir), history.rows, module.monitor)
