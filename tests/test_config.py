@@ -84,3 +84,13 @@ def test_invalid_yaml_is_one_line(tmp_path):
     path.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+def test_a_key_given_twice_is_refused_as_dvc_refuses_it(tmp_path):
+    text = (ROOT / "params.yaml").read_text().replace("  latent_dim: 2\n", "  latent_dim: 2\n  latent_dim: 8\n")
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "params.yaml")
+    line = text.splitlines().index("  latent_dim: 8") + 1
+    assert str(err.value) == (f"{tmp_path / 'params.yaml'}: line {line}: key 'latent_dim' appears twice in "
+                              "one section; keep one of them")
