@@ -199,7 +199,7 @@ def log_study_numbers(snapshot: optuna.Study, parent_run_id: str) -> None:
     if has_complete_trial(snapshot):
         numbers["best_val_neg_elbo"] = snapshot.best_value
     now = int(time.time() * 1000)
-    client.log_batch(parent_run_id, metrics=[mlflow.entities.Metric(k, float(v), now, step)
+    client.log_batch(parent_run_id, metrics=[mlflow.entities.Metric(k, tracking.metric_value(v), now, step)
                                              for k, v in numbers.items()])
 
 

@@ -121,7 +121,8 @@ def pipeline_run(cfg: Config, resume_run_id: str | None = None) -> Iterator[mlfl
     FAILED if the block raises."""
     experiment = use_experiment()
     close_dead_runs(experiment)
-    # MLflow 3's UI opens an experiment of unknown kind on its GenAI overview; this one trains models.
+    # The experiment's kind, for MLflow's API and any UI that reads it. MLflow 3.17's sidebar does
+    # not: it follows its GenAI / Model training switch, kept in the browser (docs/ui.md).
     mlflow.MlflowClient().set_experiment_tag(experiment, "mlflow.experimentKind", "custom_model_development")
     if resume_run_id is not None:
         run = mlflow.start_run(run_id=resume_run_id, tags=process_tags(), log_system_metrics=True)
@@ -202,7 +203,17 @@ def run_params(cfg: Config) -> dict[str, object]:
     return {k: v for k, v in cfg.flat().items() if not k.startswith("sweep.")}
 
 
+# Significant digits a metric keeps in MLflow: its UI prints the stored double whole, so a float32
+# loss reads 158.52334594726562. Seven is float32's precision; metrics/*.json keep every digit.
+METRIC_DIGITS = 7
+
+
+def metric_value(value: float) -> float:
+    """`value` as MLflow should store it: 158.52334594726562 -> 158.5233 (nan and inf kept)."""
+    return float(f"{float(value):.{METRIC_DIGITS}g}")
+
+
 def log_results(values: dict[str, float]) -> None:
     """Measurements as metrics of the active run; the CONSTANTS among them as tags."""
-    mlflow.log_metrics({k: v for k, v in values.items() if k not in CONSTANTS})
+    mlflow.log_metrics({k: metric_value(v) for k, v in values.items() if k not in CONSTANTS})
     mlflow.set_tags({k: v for k, v in values.items() if k in CONSTANTS})

@@ -92,7 +92,8 @@ class EpochMetricsLogger(L.Callback):
         if trainer.sanity_checking or trainer.current_epoch in self.logged_epochs:
             return
         now_ms = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now_ms, trainer.current_epoch) for k, v in trainer.callback_metrics.items()]
+        metrics = [Metric(k, tracking.metric_value(v), now_ms, trainer.current_epoch)
+                   for k, v in trainer.callback_metrics.items()]
         # With a sign of life that any machine can read (tracking.close_dead_runs): one write.
         heartbeat = RunTag(tracking.HEARTBEAT_TAG, str(now_ms // 1000))
         mlflow.MlflowClient().log_batch(self.run_id, metrics=metrics, tags=[heartbeat])
