@@ -1,5 +1,6 @@
 """The trained model as MLflow users take it: the logged pyfunc, the registry's `champion`, a real
-`mlflow models serve` process, and what the pipeline run shows in the UI. One tiny `dvc repro`
+`mlflow models serve` process (which refuses pickles and bad requests), and what the pipeline run
+shows in the UI. One tiny `dvc repro`
 for the module; the registry test adds its runs with `dvc exp run --temp`, which leaves the
 workspace (models/) as the first run wrote it."""
 
@@ -7,19 +8,27 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
+import torch
+import yaml
 
-from mnist_vae.checkpoints import load_vae
+from mnist_vae.checkpoints import UnsafeCheckpointError, load_vae
 from mnist_vae.data import load_split, to_float
 from mnist_vae.idx import DataSource
 
@@ -57,7 +66,8 @@ def server(project) -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"}
+           "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlruns' / 'mlflow.db'}",
+           "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}  # the model needs no pickle
     proc = subprocess.Popen(
         ["mlflow", "models", "serve", "-m", "models:/mnist-vae@champion", "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
@@ -82,11 +92,21 @@ def server(project) -> str:
         proc.wait(timeout=30)
 
 
-def invoke(url: str, inputs: np.ndarray, **params) -> np.ndarray:
-    body = json.dumps({"inputs": inputs.tolist(), "params": params}).encode()
+def post(url: str, inputs: np.ndarray | list, params: dict) -> tuple[int, dict]:
+    """The HTTP status and JSON answer of one /invocations request."""
+    body = json.dumps({"inputs": np.asarray(inputs).tolist(), "params": params}).encode()
     request = urllib.request.Request(f"{url}/invocations", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return np.asarray(json.loads(response.read())["predictions"])
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as refused:
+        return refused.code, json.loads(refused.read())
+
+
+def invoke(url: str, inputs: np.ndarray, **params) -> np.ndarray:
+    status, answer = post(url, inputs, params)
+    assert status == 200, answer
+    return np.asarray(answer["predictions"])
 
 
 def test_champion_encodes_as_its_checkpoint(project, store, images):
@@ -97,7 +117,7 @@ def test_champion_encodes_as_its_checkpoint(project, store, images):
     np.testing.assert_array_equal(model.predict(images),
                                   load_vae(checkpoint).encode(torch_of(images))[0].detach().numpy())
     assert model.predict(images, params={"method": "nll", "k": 3}).shape == (N_IMAGES,)
-    assert model.metadata.get_input_schema().inputs[0].shape == (-1, -1)
+    assert model.metadata.get_input_schema() is None  # predict checks the input, in its own words
     assert {p.name: p.default for p in model.metadata.get_params_schema().params} == \
         {"method": "encode", "k": 100}
 
@@ -128,6 +148,104 @@ def test_served_champion_answers_each_method(server, images, store):
     assert reconstructed.shape == (N_IMAGES, 784) and 0 <= reconstructed.min() <= reconstructed.max() <= 1
     nll = invoke(server, images, method="nll", k=3)
     assert nll.shape == (N_IMAGES,) and (nll > 0).all()
+
+
+class RunsACommand:
+    """What a tampered artifact carries: unpickled, it runs a shell command (touching a file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+PICKLE_HEADERS = {b"\x80" + bytes([protocol]) for protocol in range(2, 6)}
+
+
+def test_the_logged_model_holds_no_pickle_and_loads_without_one(store, images, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    local = Path(mlflow.artifacts.download_artifacts("models:/mnist-vae@champion", dst_path=str(tmp_path)))
+    files = [path for path in local.rglob("*") if path.is_file()]
+    assert {"MLmodel", "served_model.py", "best.ckpt"} <= {path.name for path in files}
+    for path in files:
+        assert path.suffix not in (".pkl", ".pickle"), path
+        if zipfile.is_zipfile(path):  # torch's format: its data.pkl may hold tensors and plain values only
+            torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            assert path.read_bytes()[:2] not in PICKLE_HEADERS, path
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["model_code_path"].endswith("served_model.py") and "python_model" not in flavor
+    model = mlflow.pyfunc.load_model(str(local))
+    np.testing.assert_array_equal(model.predict(images),
+                                  mlflow.pyfunc.load_model("models:/mnist-vae@champion").predict(images))
+
+
+def test_a_tampered_model_is_refused_or_ignored_never_run(store, images, tmp_path):
+    original = Path(mlflow.artifacts.download_artifacts("models:/mnist-vae@champion",
+                                                        dst_path=str(tmp_path / "model")))
+    marker = tmp_path / "the command ran"
+    beside, swapped = tmp_path / "beside", tmp_path / "swapped"
+    for copy in (beside, swapped):
+        shutil.copytree(original, copy)
+    # python_model.pkl is what a pickled pyfunc loads from; best.ckpt is torch's zip of a pickle.
+    (beside / "python_model.pkl").write_bytes(pickle.dumps(RunsACommand(marker)))
+    torch.save(RunsACommand(marker), swapped / "artifacts" / "best.ckpt")
+    np.testing.assert_array_equal(mlflow.pyfunc.load_model(str(beside)).predict(images),
+                                  mlflow.pyfunc.load_model(str(original)).predict(images))
+    with pytest.raises(UnsafeCheckpointError, match="best.ckpt: refused, it holds more than tensors"):
+        mlflow.pyfunc.load_model(str(swapped))
+    assert not marker.exists()
+    # The payload is live: loaded without weights_only, the same object runs its command.
+    torch.load(swapped / "artifacts" / "best.ckpt", weights_only=False)
+    assert marker.exists()
+
+
+def test_served_model_refuses_bad_requests_in_its_own_words(server, images):
+    pixels = (images * 255).round().astype(np.uint8)  # the usual mistake: MNIST's raw bytes
+    holed = images.copy()
+    holed[1, 100] = np.nan
+    codes = np.zeros((2, 2), dtype=np.float32)
+    codes[1, 0] = np.inf
+    requests = [
+        (pixels, {}, "images must be floats in [0, 1]; got values up to 255: divide uint8 pixels by 255"),
+        (-images, {}, "images must be floats in [0, 1]; got values down to -1: scale them into [0, 1]"),
+        (holed, {"method": "reconstruct"},
+         "images must be finite numbers; got NaN or inf in row 1: drop or repair that row"),
+        (codes, {"method": "decode"},
+         "latent codes must be finite numbers; got NaN or inf in row 1: drop or repair that row"),
+        (images[:, :783], {}, "method 'encode': input of shape (5, 783); expected (n, 784) images in "
+         "[0, 1], one row each"),
+        ([], {}, "method 'encode': got no rows; send 1 to 10,000 rows of images in [0, 1] per request"),
+        (np.zeros((10_001, 2)), {"method": "decode"},
+         "method 'decode': got 10,001 rows; the limit is 10,000 per request: split the batch"),
+        (images, {"method": "nll", "k": 0}, "k = 0: expected an integer from 1 to 10,000 importance "
+         "samples; pass it as params.k"),
+        (np.zeros((101, 784)), {"method": "nll", "k": 10_000}, "nll of 101 images at k = 10,000 needs "
+         "1,010,000 samples; the limit is 1,000,000 (images x k) per request: send fewer images per "
+         "request or a smaller k"),
+        (images, {"method": "sample"}, "method 'sample': the VAE answers encode, decode, reconstruct, "
+         "nll; pass one of them as params.method"),
+    ]
+    answers = [post(server, inputs, params) for inputs, params, _ in requests]
+    assert [(status, answer["message"]) for status, answer in answers] == \
+        [(400, message) for *_, message in requests]
+
+
+def test_concurrent_nll_requests_give_the_numbers_of_the_same_requests_one_by_one(server, store, images):
+    # k = 1000 and up: several noise draws per request (iwae_nll's chunks), so requests interleave.
+    requests = [(images[first:], k) for first in range(4) for k in (1000, 1500)]
+
+    def nll(request: tuple[np.ndarray, int]) -> np.ndarray:
+        return invoke(server, request[0], method="nll", k=request[1])
+
+    one_by_one = [nll(request) for request in requests]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(nll, requests))
+    for alone, concurrent in zip(one_by_one, together, strict=True):
+        np.testing.assert_array_equal(concurrent, alone)
+    local = mlflow.pyfunc.load_model("models:/mnist-vae@champion")
+    np.testing.assert_array_equal(one_by_one[0], local.predict(images, params={"method": "nll", "k": 1000}))
 
 
 def test_pipeline_run_as_the_ui_shows_it(project):
