@@ -13,9 +13,14 @@ from typing import Any
 import torch
 
 from .errors import PipelineError
+from .files import FileRefusedError, open_bounded
 from .model import VAE
 
 WRITTEN_BY = "pass a .ckpt file the train stage wrote"
+# The default model's checkpoint is ~1 MB (weights and AdamW's two moments). hidden_dims
+# [8192, 8192], config.py's widest layers twice, makes 1.8 GB; a file past 4 GiB is not one of ours.
+MAX_CHECKPOINT_BYTES = 2**32
+CHECKPOINT_FILE = f"a PyTorch checkpoint of at most {MAX_CHECKPOINT_BYTES:,} bytes"
 
 
 class UnsafeCheckpointError(PipelineError):
@@ -43,7 +48,8 @@ def portable_checkpoint_bytes(path: Path) -> bytes:
             return {relative(k): relative(v) for k, v in value.items()}
         return value
 
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    with open_bounded(path, MAX_CHECKPOINT_BYTES, CHECKPOINT_FILE) as file:
+        saved = torch.load(file, map_location="cpu", weights_only=True)
     saved["callbacks"] = relative(saved.get("callbacks", {}))
     return checkpoint_bytes(saved)
 
@@ -55,12 +61,17 @@ def load_checkpoint(path: Path | str, keys: tuple[str, ...] = ("state_dict", "hy
     if path.is_dir():
         raise PipelineError(f"{path}: a directory, not a checkpoint file; {WRITTEN_BY}, such as "
                             "models/best.ckpt")
-    if not path.is_file():
+    if not path.exists():  # a FIFO or a device exists: open_bounded names what it is
         raise PipelineError(f"{path}: no such checkpoint file; run `dvc repro train` first, or {WRITTEN_BY}")
     try:
-        with warnings.catch_warnings():  # torch warns about unusual pickle protocols: noise here
+        # Opened only once known to be a regular file of a checkpoint's size: a FIFO or /dev/zero
+        # in its place would block or fill the memory.
+        with open_bounded(path, MAX_CHECKPOINT_BYTES, CHECKPOINT_FILE) as file, \
+                warnings.catch_warnings():  # torch warns about unusual pickle protocols: noise here
             warnings.simplefilter("ignore")
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            saved = torch.load(file, map_location="cpu", weights_only=True)
+    except FileRefusedError as err:
+        raise PipelineError(f"{err}; {WRITTEN_BY}") from None
     except pickle.UnpicklingError as err:
         # weights_only names the blocked class ("GLOBAL posix.system") only for pickled code;
         # random bytes or a text file fail on an opcode instead.

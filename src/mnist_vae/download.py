@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import DataConfig
 from .files import write_bytes
-from .idx import FILES, DataError, DataSource, idx_bytes, parse_idx, read_gz, read_idx
+from .idx import FILES, MAX_GZ_BYTES, DataError, DataSource, idx_bytes, parse_idx, read_gz, read_idx
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def _from_local(cfg: DataConfig) -> Digits:
         raise DataError("data.local_dir is not set and there is no system copy of " + cfg.dataset)
     arrays = []
     for name in (*FILES["train"], *FILES["test"]):
+        # exists(), not is_file(): a FIFO or a folder in its place is named by read_idx, not skipped.
         path = next((p for p in (folder / name, folder / name.removesuffix(".gz")) if p.exists()), None)
         if path is None:
             raise DataError(f"{folder / name} not found")
@@ -114,9 +115,12 @@ def fetch(mirrors: list[str], md5: dict[str, str], timeout_s: float) -> tuple[li
         for mirror in mirrors:
             try:
                 with urllib.request.urlopen(mirror + name, timeout=timeout_s) as response:
-                    raw = response.read()
+                    raw = response.read(MAX_GZ_BYTES + 1)  # a wrong or hostile server's stream stops here
             except (OSError, ValueError) as err:  # URLError, HTTPError and timeouts are OSErrors
                 errors.append(f"{mirror + name}: {err}")
+                continue
+            if len(raw) > MAX_GZ_BYTES:
+                errors.append(f"{mirror + name}: more than {MAX_GZ_BYTES:,} bytes, not an MNIST file")
                 continue
             if (digest := hashlib.md5(raw).hexdigest()) != md5[name]:
                 errors.append(f"{mirror + name}: md5 {digest}, expected {md5[name]}")

@@ -16,6 +16,9 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .errors import PipelineError
+from .files import FileRefusedError, read_bounded
+
+MAX_PARAMS_BYTES = 2**20  # the project's params.yaml is ~5 KB
 
 
 class ConfigError(PipelineError):
@@ -95,9 +98,16 @@ def load(cls: type, path: Path | str, overrides: Mapping[str, Any] | None = None
     if path.is_absolute() and path.is_relative_to(Path.cwd()):
         path = path.relative_to(Path.cwd())  # errors name the file as the user knows it
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506  a SafeLoader
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: not found; run from the project root, where params.yaml lives") from None
+        text = read_bounded(path, MAX_PARAMS_BYTES, "a YAML file of params such as the project's "
+                            "params.yaml").decode()
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506  a SafeLoader
+    except FileRefusedError as err:
+        if err.missing:
+            raise ConfigError(f"{path}: not found; run from the project root, where params.yaml lives") from None
+        raise ConfigError(str(err)) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); expected a "
+                          "YAML file such as the project's params.yaml") from None
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
@@ -172,7 +182,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} = {value!r}; expected a list such as [256, 128]")
+            pair = len(args) == 2 and args[1] is not Ellipsis  # a range: (low, high)
+            raise ConfigError(f"{key} = {value!r}; expected a list such as "
+                              f"{'[low, high]' if pair else '[256, 128]'}")
         return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
     if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
         # YAML 1.1 (PyYAML) reads 1e-06 as a string, and `dvc exp run -S train.lr=1e-6` writes that.
