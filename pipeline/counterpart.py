@@ -29,7 +29,7 @@ def main() -> None:
     with published() as outputs, tracking.continue_run(paths.run_file) as parent:
         with mlflow.start_run(experiment_id=parent.info.experiment_id, nested=True,
                               parent_run_id=parent.info.run_id, run_name=f"{other}-counterpart",
-                              tags=tracking.process_tags()) as run:
+                              tags=tracking.process_tags()) as run, tracking.killed_if_stopped():
             mlflow.log_params(tracking.run_params(cfg))
             result = fit(cfg, data, run.info.run_id, work_dir=paths.counterpart_checkpoints)
             tracking.log_results(result.summary())

@@ -7,9 +7,11 @@ train stage's one MLflow run, with a kill -9 and resume in the middle.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
+import psutil
 import pytest
 import torch
 
@@ -20,17 +22,18 @@ from mnist_vae.lit import VaeDataModule
 from mnist_vae.model import VAE, neg_elbo_terms
 
 from .conftest import BIN, ROOT, metric_steps, mlflow_runs, run
-from .test_reliability import finished_epochs, kill_when, set_params
+from .test_reliability import finished_epochs, set_params, wait_for
+from .test_stops import training_pid
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # 2 ranks on 2 cores
 DDP = {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}
 
 
-def start(cmd, project):
+def start(cmd, project, stderr=subprocess.DEVNULL):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **ONE_THREAD}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen(cmd, cwd=project, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=stderr, text=True)
 
 
 @pytest.mark.parametrize("n", [4050, 4051, 513])
@@ -102,14 +105,20 @@ def test_ddp_fit_shards_batches_and_logs_whole_set_metrics(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_stage_on_two_devices_writes_one_run_and_resumes_after_kill(project):
+def test_train_stage_on_two_devices_writes_one_run_and_resumes_after_a_stop(project):
     set_params(project, train={"max_epochs": 5, "batch_size": 32, **DDP})
     run(["git", "commit", "-qam", "two devices"], project)
-    proc = start(["dvc", "repro", "train"], project)
-    kill_when(proc, lambda: finished_epochs(project / "checkpoints" / "last.ckpt") >= 2, timeout_s=300)
+    proc = start(["dvc", "repro", "train"], project, stderr=subprocess.PIPE)
+    wait_for(proc, lambda: finished_epochs(project / "checkpoints" / "last.ckpt") >= 2, timeout_s=300)
+    os.kill(training_pid(proc), signal.SIGTERM)  # rank 0's: Lightning started rank 1 under it
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    stops = [line for line in stderr.splitlines() if "stopped by SIGTERM" in line]
+    assert len(stops) == 1 and stops[0].startswith("training stopped by SIGTERM after "), stderr
+    assert not psutil.Process().children(recursive=True)  # no rank left behind
     assert not (project / "models" / "best.ckpt").exists()
     killed = mlflow_runs(project)
-    assert len(killed) == 1  # rank 1 opened none
+    assert len(killed) == 1 and killed[0].info.status == "KILLED"  # rank 1 opened none
 
     run(["dvc", "repro", "train"], project, env_extra=ONE_THREAD, timeout=300)
     (only,) = mlflow_runs(project)

@@ -68,6 +68,8 @@ class ShuffledBatches(Sampler[torch.Tensor]):
         self.epoch = epoch
 
     def __iter__(self):
+        # A generator: the order is drawn at the first batch, after Lightning's set_epoch, even
+        # where Lightning made the iterator before it (the first epoch of a resumed fit).
         if self.shuffle:  # seed + epoch, as DistributedSampler: the same order on every rank
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.n, generator=generator)
@@ -76,7 +78,7 @@ class ShuffledBatches(Sampler[torch.Tensor]):
         share = order[self.rank::self.world_size]
         cut = (len(self) - 1) * self.batch_size
         head = share[:cut].split(self.batch_size) if cut else ()  # split of nothing is [empty]
-        return iter([*head, share[cut:]])
+        yield from [*head, share[cut:]]
 
     def __len__(self) -> int:
         return -(-(self.n // self.world_size) // self.batch_size)

@@ -5,12 +5,32 @@ from __future__ import annotations
 
 import argparse
 import errno
+import signal
 import sqlite3
 from typing import NoReturn
 
 
 class PipelineError(Exception):
     """A problem the user can fix (a param, a data file): shown as one line, no traceback."""
+
+
+class Stopped(KeyboardInterrupt):
+    """A SIGTERM or SIGINT, raised where the main thread is (process.stop_on_signals): the step in
+    flight is abandoned, every `with` block unwinds, the command exits 128 + the signal's number
+    with `line`. A KeyboardInterrupt, so that Optuna marks the trial in flight FAIL and Lightning
+    tears its fit down (and stops DDP's other ranks) as it does for Ctrl-C."""
+
+    def __init__(self, signum: int, line: str | None = None) -> None:
+        super().__init__(signum)
+        self.signum, self.line = signum, line
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process the signal ended: 143, 130
 
 
 class ArgumentParser(argparse.ArgumentParser):

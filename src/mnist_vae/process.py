@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-from .errors import one_line
+from .errors import Stopped, one_line
 
 
 def set_up_process() -> None:
@@ -79,15 +81,49 @@ def set_up_torch(threads: int | None = None) -> None:
         torch.set_num_threads(min(TORCH_THREADS, os.cpu_count() or 1))
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # a scheduler's, `timeout`'s, docker's; Ctrl-C
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGINT raise `Stopped` in the main thread, once: a second signal while the
+    first unwinds (closing the MLflow run, marking the trial) is ignored, so the clean-up runs to
+    its end. Python's own SIGTERM ends the process with nothing cleaned up, and Lightning's
+    turns it into an exit with status 0."""
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise Stopped(signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop)
+
+
 @contextmanager
 def command() -> Iterator[None]:
-    """Run an entry point's body: set up the process, then show a user's error as one line."""
+    """Run an entry point's body: set up the process, then show a user's error as one line, and
+    a stop by a signal as one line with the signal's exit status."""
     set_up_process()
     set_up_torch()
+    stop_on_signals()
     try:
         yield
+    except Stopped as stop:
+        line = stop.line if stop.line is not None else (
+            f"{_program()} stopped by {stop.name}; nothing it was writing was kept, rerun it (or "
+            "dvc repro) to go on")
+        if line:  # "": a DDP rank besides 0, whose stop rank 0 reports
+            print(line, file=sys.stderr)
+        raise SystemExit(stop.exit_status) from None
     except Exception as err:
         if (line := one_line(err)) is None:
             raise
         print(f"error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _program() -> str:
+    script = Path(sys.argv[0])
+    return "python -m mnist_vae" if script.name == "__main__.py" else f"python pipeline/{script.name}"

@@ -9,13 +9,14 @@ tracking store holds the run.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
 import mlflow
 import optuna
 
-from . import tracking
+from . import stores, tracking
 from .config import Config
 from .errors import PipelineError
 from .paths import Paths
@@ -28,6 +29,7 @@ PARENT_WAIT_S = 60  # how long a joining machine waits for the study's creator t
 OBJECTIVE = "val_neg_elbo"
 SQLITE = "sqlite:///"
 GRPC = "grpc://"
+STOPPED_BY = "stopped_by"  # a trial's user attribute: the signal that stopped it
 
 
 def storage_url(url: str) -> str:
@@ -76,6 +78,7 @@ def check_storage(url: str, named: str = "sweep.storage =") -> None:
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as err:
         raise PipelineError(f"{shown}: not a database URL ({err}); expected e.g. "
                             "sqlite:///sweeps/optuna.db, postgresql://user:pass@host/db or grpc://host:port") from None
+    stores.check_database_url(url, named, relative_to=Paths.of().checkout)
 
 
 def open_storage(cfg: Config) -> optuna.storages.BaseStorage:
@@ -186,3 +189,29 @@ def snapshot_study(study: optuna.Study) -> optuna.Study:
     for key, value in study.user_attrs.items():
         snapshot.set_user_attr(key, value)
     return snapshot
+
+
+def enqueue_baseline(study: optuna.Study, cfg: Config) -> None:
+    """Trial 0 of a new study is params.yaml's own model, so every study measures its gain."""
+    model, sweep = cfg.model, cfg.sweep
+    if (sweep.latent_dim[0] <= model.latent_dim <= sweep.latent_dim[1]
+            and sweep.kl_weight[0] <= model.kl_weight <= sweep.kl_weight[1]
+            and model.hidden_dims in sweep.hidden_dims):
+        study.enqueue_trial({"latent_dim": model.latent_dim, "kl_weight": model.kl_weight,
+                             "hidden_dims": json.dumps(list(model.hidden_dims))})
+
+
+
+def requeue_stopped(study: optuna.Study) -> None:
+    """Enqueue again the params of each trial a signal stopped, unless a trial with them is
+    waiting, running or finished: a resumed study measures what it was measuring (the baseline
+    trial 0 among them) instead of leaving a hole where the stop came."""
+    trials = study.get_trials(deepcopy=False)
+    measured = [t.params or t.system_attrs.get("fixed_params") for t in trials
+                if t.state != optuna.trial.TrialState.FAIL]
+    for trial in trials:
+        if STOPPED_BY in trial.user_attrs and trial.params not in measured:
+            study.enqueue_trial(trial.params)
+            measured.append(trial.params)
+            log.info("trial %d was stopped by %s: its params are measured again", trial.number,
+                     trial.user_attrs[STOPPED_BY])

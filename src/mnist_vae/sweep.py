@@ -14,6 +14,7 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,11 +27,21 @@ from optuna_integration import PyTorchLightningPruningCallback
 
 from . import tracking
 from .config import Config
+from .errors import Stopped
 from .files import write_bytes
 from .lit import NonFiniteLossError, VaeDataModule
 from .paths import Paths
-from .process import set_up_process, set_up_torch
-from .study import create_or_open_study, create_parent_run, open_study, snapshot_study, wait_for_parent_run
+from .process import set_up_process, set_up_torch, stop_on_signals
+from .study import (
+    STOPPED_BY,
+    create_or_open_study,
+    create_parent_run,
+    enqueue_baseline,
+    open_study,
+    requeue_stopped,
+    snapshot_study,
+    wait_for_parent_run,
+)
 from .train import fit
 
 log = logging.getLogger(__name__)
@@ -58,12 +69,19 @@ class Objective:
         self.data = VaeDataModule(cfg.data, cfg.train, Paths.of().data)
 
     def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self._measure(trial)
+        except Stopped as stop:
+            trial.set_user_attr(STOPPED_BY, stop.name)  # Optuna marks it FAIL; requeue_stopped
+            raise
+
+    def _measure(self, trial: optuna.Trial) -> float:
         cfg = trial_config(self.cfg, trial)
         with mlflow.start_run(experiment_id=self.experiment_id, nested=True,
                               parent_run_id=self.parent_run_id, run_name=f"trial-{trial.number}",
                               tags={"optuna.study": cfg.sweep.study_name,
                                     "optuna.trial_number": str(trial.number),
-                                    **tracking.process_tags()}) as run:
+                                    **tracking.process_tags()}) as run, tracking.killed_if_stopped():
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.log_params(tracking.run_params(cfg))
             try:
@@ -80,6 +98,11 @@ class Objective:
         for key in ("val_recon", "val_kl"):
             trial.set_user_attr(key, best[key])
         return best["val_neg_elbo"]
+
+
+def _quiet_stops(record: logging.LogRecord) -> bool:
+    # Optuna logs a failed trial's traceback; a stop is no failure of the code.
+    return not (record.exc_info and isinstance(record.exc_info[1], Stopped))
 
 
 def _report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -99,24 +122,40 @@ def shown_params(params: dict) -> str:
 
 
 def _worker(cfg: Config, n_trials: int, parent_run_id: str, threads: int) -> None:
-    set_up_torch(threads)  # torch takes every core per process; workers split them
-    set_up_process()  # a spawned worker starts with none of the command's set-up
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
     study = open_study(cfg)
     study.optimize(Objective(cfg, parent_run_id), n_trials=n_trials, timeout=cfg.sweep.timeout_s,
                    callbacks=[_report], catch=(NonFiniteLossError,))
 
 
+def _spawned_worker(cfg: Config, n_trials: int, parent_run_id: str, threads: int) -> None:
+    set_up_torch(threads)  # torch takes every core per process; workers split them
+    set_up_process()  # a spawned worker starts with none of the command's set-up
+    stop_on_signals()
+    _quiet_optuna()
+    try:
+        _worker(cfg, n_trials, parent_run_id, threads)
+    except Stopped as stop:  # its trial is marked; the parent process says it
+        sys.exit(stop.exit_status)
+
+
+def _quiet_optuna() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
+    for handler in logging.getLogger("optuna").handlers:
+        handler.addFilter(_quiet_stops)
+
+
 def run_sweep(cfg: Config) -> optuna.Study:
     """Add cfg.sweep.n_trials trials to the study, in cfg.sweep.workers processes; then summarise
     a snapshot of it, and close the parent run if no trial is running anywhere."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
+    _quiet_optuna()
     experiment_id = tracking.use_experiment()
     tracking.close_dead_runs(experiment_id)
     study, created = create_or_open_study(cfg)
     if created:
         enqueue_baseline(study, cfg)
         create_parent_run(study, cfg, experiment_id)  # last: joiners wait for it
+    else:
+        requeue_stopped(study)
     parent_run_id = wait_for_parent_run(study, cfg)
     client = mlflow.MlflowClient()
     if client.get_run(parent_run_id).info.status != "RUNNING":  # a resumed study
@@ -124,12 +163,13 @@ def run_sweep(cfg: Config) -> optuna.Study:
     workers = cfg.sweep.workers
     shares = [cfg.sweep.n_trials // workers + (i < cfg.sweep.n_trials % workers) for i in range(workers)]
     threads = max(1, (os.cpu_count() or 1) // workers)
+    procs = []
     try:
         if workers == 1:
             _worker(cfg, shares[0], parent_run_id, torch.get_num_threads())
         else:
             spawn = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
-            procs = [spawn.Process(target=_worker, args=(cfg, n, parent_run_id, threads))
+            procs = [spawn.Process(target=_spawned_worker, args=(cfg, n, parent_run_id, threads))
                      for n in shares if n > 0]
             for proc in procs:
                 proc.start()
@@ -147,6 +187,14 @@ def run_sweep(cfg: Config) -> optuna.Study:
                 summarise_to_parent(snapshot, parent_run_id, out_dir)
         else:
             log.warning("no trial completed; nothing to summarise")
+    except Stopped as stop:
+        for proc in procs:  # a signal to the sweep's process stops its workers too
+            proc.terminate()
+            proc.join()
+        client.set_terminated(parent_run_id, status="KILLED")
+        stop.line = (f"sweep stopped by {stop.name}; its trials in flight are marked FAIL and "
+                     "measured again when you rerun the same command")
+        raise
     except BaseException:
         client.set_terminated(parent_run_id, status="FAILED")
         raise
@@ -156,16 +204,6 @@ def run_sweep(cfg: Config) -> optuna.Study:
     else:
         client.set_terminated(parent_run_id, status="FINISHED")
     return snapshot
-
-
-def enqueue_baseline(study: optuna.Study, cfg: Config) -> None:
-    """Trial 0 of a new study is params.yaml's own model, so every study measures its gain."""
-    model, sweep = cfg.model, cfg.sweep
-    if (sweep.latent_dim[0] <= model.latent_dim <= sweep.latent_dim[1]
-            and sweep.kl_weight[0] <= model.kl_weight <= sweep.kl_weight[1]
-            and model.hidden_dims in sweep.hidden_dims):
-        study.enqueue_trial({"latent_dim": model.latent_dim, "kl_weight": model.kl_weight,
-                             "hidden_dims": json.dumps(list(model.hidden_dims))})
 
 
 def has_complete_trial(study: optuna.Study) -> bool:

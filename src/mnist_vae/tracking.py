@@ -7,7 +7,6 @@ All logging is explicit: `mlflow.pytorch.autolog` does not patch the `lightning`
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -22,8 +21,10 @@ from filelock import FileLock
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 
+from . import stores
 from .config import Config
-from .errors import PipelineError
+from .errors import PipelineError, Stopped
+from .files import FileRefusedError, read_json_file
 from .idx import DataSource
 from .paths import Paths
 
@@ -54,6 +55,7 @@ def use_experiment(name: str = EXPERIMENT, uri: str | None = None) -> str:
     artifacts beside it); anything else (`http(s):`, a database) is a server's, which makes its
     schema and artifact root itself."""
     uri = uri or tracking_uri()
+    check_store(uri)
     mlflow.set_tracking_uri(uri)
     if not uri.startswith("sqlite:"):
         try:
@@ -70,6 +72,17 @@ def use_experiment(name: str = EXPERIMENT, uri: str | None = None) -> str:
         return _get_or_create_experiment(name, artifact_location=(store / "artifacts").as_uri())
 
 
+def check_store(uri: str | None = None) -> None:
+    """Before any work: a store that cannot hold runs (`sqlite:///` with no path, a damaged
+    database file, a server that does not answer), or a SQLite store whose recorded artifact
+    folder is another checkout's (this one moved or copied), in one line with the fix."""
+    uri = uri or tracking_uri()
+    stores.check_tracking_uri(uri)
+    if uri.startswith("sqlite:"):
+        db = Path(uri.removeprefix("sqlite:///")).resolve()
+        stores.check_store_location(db, db.parent / "artifacts")
+
+
 def _get_or_create_experiment(name: str, artifact_location: str | None) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
@@ -78,6 +91,13 @@ def _get_or_create_experiment(name: str, artifact_location: str | None) -> str:
         return mlflow.create_experiment(name, artifact_location=artifact_location)
     except mlflow.exceptions.MlflowException:  # another process created it first
         return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def recorded_tracking_uri() -> str | None:
+    """What the run file records of the store: None for the checkout's own, so that a moved or
+    copied checkout reads its own store, not the one at the old place."""
+    uri = tracking_uri()
+    return None if uri == default_tracking_uri() else uri
 
 
 def process_tags() -> dict[str, str]:
@@ -131,22 +151,36 @@ def pipeline_run(cfg: Config, resume_run_id: str | None = None) -> Iterator[mlfl
                                tags=process_tags(), log_system_metrics=True)
     # Everything after start_run inside `with run`: a run still active when an error ends the
     # process is ended FINISHED by MLflow's exit handler (seen with a full disk under SQLite).
-    with run:
+    with run, killed_if_stopped():
         if resume_run_id is None:
             mlflow.log_params(run_params(cfg))
         yield run
 
 
 @contextmanager
+def killed_if_stopped() -> Iterator[None]:
+    """Within an MLflow run's `with`: a stop by a signal ends the run KILLED, as MLflow's UI
+    calls a run that was stopped (its `with` would say FAILED)."""
+    try:
+        yield
+    except Stopped:
+        mlflow.end_run("KILLED")
+        raise
+
+
+@contextmanager
 def continue_run(run_file: Path) -> Iterator[mlflow.ActiveRun]:
     """Reopen the run the train stage recorded (counterpart, evaluate and figures stages), in the
     store the train stage used, only if its training finished. It ends FINISHED even if the stage
-    fails: its status is the training's, and a retry of the stage must find it so."""
+    fails: its status is the training's, and a retry of the stage must find it so; KILLED if a
+    signal stopped the stage (a retry finds its training finished by the tag)."""
     try:
-        recorded = json.loads(run_file.read_text())
-        run_id = recorded["run_id"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise PipelineError(f"{run_file}: no MLflow run id ({err}); run `dvc repro train` first") from None
+        recorded = read_json_file(run_file, "the run file the train stage writes",
+                                  {"run_id": str, "tracking_uri": str | None})
+    except FileRefusedError as err:
+        raise PipelineError(f"{run_file}: no MLflow run id ({err.reason}); run `dvc repro train` first") from None
+    run_id = recorded["run_id"]
+    # None: the checkout's own store, wherever the checkout is now (it may have moved).
     uri = recorded.get("tracking_uri") or tracking_uri()
     if (env := os.environ.get("MLFLOW_TRACKING_URI")) and env != uri:
         raise PipelineError(f"{run_file}: MLflow run {run_id} is in the store {uri}, but "
@@ -164,9 +198,10 @@ def continue_run(run_file: Path) -> Iterator[mlflow.ActiveRun]:
                             "training did not complete; run `dvc repro -f train`")
     run = mlflow.start_run(run_id=run_id, tags=process_tags())
     try:
-        yield run
+        with killed_if_stopped():
+            yield run
     finally:
-        mlflow.end_run("FINISHED")
+        mlflow.end_run("FINISHED")  # unless it ended KILLED
 
 
 def log_data_source(source: DataSource, context: str) -> None:

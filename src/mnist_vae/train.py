@@ -1,5 +1,6 @@
 """`fit()`: the one training path, shared by the train stage, the counterpart, the sweep and the
-benchmark, with the callbacks that record each epoch (history, MLflow metrics, progress).
+benchmark, with the callbacks that record each epoch (history, MLflow metrics, random state) and
+stop it on a signal; progress.py holds what it shows while it runs.
 
 It checkpoints the best and the last epoch into a work folder and publishes nothing: the callers
 decide where results go and when (train_stage.py, pipeline/counterpart.py).
@@ -10,22 +11,25 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 import lightning as L
 import mlflow
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from mlflow.entities import Metric, RunTag
-from tqdm import tqdm
 
 from . import tracking
 from .config import Config, TrainConfig
+from .errors import Stopped
 from .lit import LitVAE, VaeDataModule
+from .process import STOP_SIGNALS, stop_on_signals
+from .progress import EpochLines, ImageBar, Summary
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,48 @@ class History(L.Callback):
                               **{k: float(v) for k, v in sorted(trainer.callback_metrics.items())}})
 
 
+class RandomState(L.Callback):
+    """torch's global generators (the reparameterisation noise, dynamic binarization) in every
+    checkpoint, and set again when a fit resumes, so a resumed training draws the numbers the
+    uninterrupted one would: reseeding would make it another training. The batch order needs
+    nothing: each epoch's is seeded by train.seed + epoch (data.ShuffledBatches). Lightning
+    restores callbacks before it makes the first epoch's batches, and its sanity check saves
+    and restores the generators around itself."""
+
+    def state_dict(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class SignalsStopRankZero(L.Callback):
+    """Our signal handlers in place of Lightning's for the fit. Lightning's SIGTERM handler
+    broadcasts from inside the handler under DDP (a deadlock when the ranks are in another
+    collective) and lets the fit end with exit status 0. Here rank 0 stops (`Stopped`, and
+    Lightning's KeyboardInterrupt path then kills the ranks it started); the other ranks ignore
+    stop signals and end with it."""
+
+    def on_sanity_check_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._install(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._install(trainer)
+
+    @staticmethod
+    def _install(trainer: L.Trainer) -> None:
+        if trainer.global_rank == 0:
+            stop_on_signals()
+        else:
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
+
+
 def history_csv(rows: list[dict[str, float]]) -> bytes:
     """The history as metrics/train_history.csv holds it: a row per epoch, the plots' source."""
     text = io.StringIO()
@@ -99,78 +145,6 @@ class EpochMetricsLogger(L.Callback):
         mlflow.MlflowClient().log_batch(self.run_id, metrics=metrics, tags=[heartbeat])
 
 
-class EpochLines(L.Callback):
-    """One line per epoch, for logs that are files (a progress bar there is ~1,000 lines)."""
-
-    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.started = time.perf_counter()
-
-    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        metrics = "  ".join(f"{k} {float(v):.2f}" for k, v in sorted(trainer.callback_metrics.items()))
-        log.info("epoch %d/%d  %s  (%.1f s)", trainer.current_epoch, trainer.max_epochs - 1,
-                 metrics, time.perf_counter() - self.started)
-
-
-class ImageBar(L.Callback):
-    """A bar per epoch counted in images, advanced after every optimizer update: Lightning's own
-    counts calls, and at train.steps_per_call 16 an epoch of the offline sample is 2 calls, so
-    it sat at 0/2 while the epochs went by. A step hook on the optimizer sees each update,
-    whichever loop makes it. The last epoch's val_neg_elbo (val_recon for the AE) rides along,
-    to two decimals: three significant digits show 160 for a whole run."""
-
-    def __init__(self, file: TextIO | None = None, mininterval: float = 0.2) -> None:
-        self.file, self.mininterval, self.bar, self.shown = file, mininterval, None, ""
-
-    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.step_images = module.hparams.batch_size
-        self.hook = trainer.optimizers[0].register_step_post_hook(lambda *_: self._advance())
-
-    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        images = len(trainer.datamodule.splits["train"][0]) // trainer.world_size
-        self.bar = tqdm(total=images, unit="img", unit_scale=True, file=self.file or sys.stderr,
-                        desc=f"epoch {trainer.current_epoch}/{trainer.max_epochs - 1}",
-                        postfix=self.shown, dynamic_ncols=True, mininterval=self.mininterval)
-
-    def _advance(self) -> None:
-        if self.bar is not None:  # the last batch of an epoch may be short: the bar ends at its total
-            self.bar.update(min(self.step_images, self.bar.total - self.bar.n))
-
-    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self.bar is None:
-            return
-        self.shown = f"{module.monitor} {float(trainer.callback_metrics[module.monitor]):.2f}"
-        self.bar.set_postfix_str(self.shown, refresh=False)
-        self.bar.close()
-        self.bar = None
-
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.hook.remove()
-        if self.bar is not None:
-            self.bar.close()
-
-
-class Summary(L.Callback):
-    """One closing line: epochs, time, images/s and the best epoch, on a terminal or in a log."""
-
-    def __init__(self, history: History, monitor: str) -> None:
-        self.history, self.monitor = history, monitor
-
-    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.started, self.first_epoch = time.perf_counter(), trainer.current_epoch
-
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        epochs = trainer.current_epoch - self.first_epoch
-        if not trainer.is_global_zero or not self.history.rows or epochs < 1:
-            return
-        seconds = time.perf_counter() - self.started
-        images = epochs * len(trainer.datamodule.splits["train"][0])
-        best = min(self.history.rows, key=lambda row: row[self.monitor])
-        log.info("trained %d epochs in %.1f s (%s images/s); best epoch %d: %s %.2f", epochs, seconds,
-                 f"{images / seconds:,.0f}", best["epoch"], self.monitor, best[self.monitor])
-
-
 def fit(cfg: Config, data: VaeDataModule, run_id: str | None = None, *, work_dir: Path,
         resume_from: Path | None = None, callbacks: Sequence[L.Callback] = (),
         progress: bool = True) -> FitResult:
@@ -186,7 +160,7 @@ def fit(cfg: Config, data: VaeDataModule, run_id: str | None = None, *, work_dir
     # Not save_last=True: Lightning 2.6 writes that copy only in epochs that improve the best.
     last = ModelCheckpoint(dirpath=work_dir, filename="last", enable_version_counter=False)
     history = History()
-    all_callbacks: list[L.Callback] = [best, last, history]
+    all_callbacks: list[L.Callback] = [best, last, history, RandomState(), SignalsStopRankZero()]
     if run_id is not None:
         all_callbacks.append(EpochMetricsLogger(run_id, module.monitor))
     if progress:
@@ -196,7 +170,14 @@ def fit(cfg: Config, data: VaeDataModule, run_id: str | None = None, *, work_dir
     trainer = L.Trainer(max_epochs=cfg.train.max_epochs, logger=False, callbacks=all_callbacks,
                         enable_progress_bar=False, enable_model_summary=False,
                         **_devices(cfg.train))
-    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    except SystemExit as lightning_exit:
+        # Lightning ends a fit that a KeyboardInterrupt stopped with sys.exit(1), after its
+        # teardown; the stop itself is what the caller must see.
+        if isinstance(lightning_exit.__context__, Stopped):
+            raise lightning_exit.__context__ from None
+        raise
     return FitResult(Path(work_dir), history.rows, module.monitor)
 
 

@@ -28,8 +28,8 @@ from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from . import served, tracking
 from .checkpoints import UnsafeCheckpointError, load_checkpoint, portable_checkpoint_bytes
 from .config import Config, ConfigError
-from .errors import PipelineError
-from .files import json_bytes, published, write_json
+from .errors import PipelineError, Stopped
+from .files import json_bytes, published, read_json_file, write_json
 from .idx import DataSource
 from .lit import VaeDataModule
 from .paths import Paths
@@ -60,7 +60,8 @@ def find_interrupted(fingerprint: str, work_dir: Path) -> Interrupted | None:
     """The training that a crash cut short, if it trained this very config on this data."""
     checkpoint = work_dir / "last.ckpt"
     try:
-        state = json.loads((work_dir / RESUME_FILE).read_text())
+        state = read_json_file(work_dir / RESUME_FILE, "the resume record",
+                               {"run_id": str, "fingerprint": str})
         epoch = load_checkpoint(checkpoint, keys=("epoch",))["epoch"]
     except UnsafeCheckpointError:
         raise PipelineError(f"{checkpoint}: refused to resume from it, it holds pickled code (this "
@@ -94,6 +95,30 @@ def training_lock(lock_file: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def clear_work_folder(folder: Path) -> None:
+    """Delete a work folder; if it is a link (to a bigger disk, say), what it holds instead."""
+    if not folder.is_symlink():
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    if not folder.is_dir():
+        raise PipelineError(f"{folder}: a link to {os.readlink(folder)}, which is not a folder; remove "
+                            "the link (the training makes the folder) or point it at a folder")
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def stopped_line(stop: Stopped, checkpoints: Path, max_epochs: int) -> str:
+    try:
+        done = load_checkpoint(checkpoints / "last.ckpt", keys=("epoch",))["epoch"] + 1
+    except PipelineError:  # stopped in its first epoch
+        done = 0
+    return (f"training stopped by {stop.name} after {done} of {max_epochs} epochs; rerun dvc repro "
+            "(or python pipeline/train.py) to resume from there")
+
+
 def check_accelerator(name: str) -> None:
     """Before a run opens: Lightning finds a missing GPU only once the Trainer is built."""
     available = {"cuda": CUDAAccelerator.is_available(), "mps": MPSAccelerator.is_available()}
@@ -109,6 +134,7 @@ def train_stage(cfg: Config, paths: Paths) -> FitResult:
     are published together once the run has ended FINISHED, so they always name one run; a
     failed training changes none of them."""
     check_accelerator(cfg.train.accelerator)
+    tracking.check_store()
     data = VaeDataModule(cfg.data, cfg.train, paths.data)
     data.setup()  # reads and verifies the data before a run is opened
     source = DataSource.read(paths.data)
@@ -117,8 +143,12 @@ def train_stage(cfg: Config, paths: Paths) -> FitResult:
         # A DDP rank besides 0: it trains its share beside rank 0 (resuming from the same
         # checkpoint), and takes no lock, opens no run and writes nothing; rank 0 does all that.
         interrupted = find_interrupted(key, paths.checkpoints)
-        return fit(cfg, data, work_dir=paths.checkpoints, progress=False,
-                   resume_from=interrupted and interrupted.checkpoint)
+        try:
+            return fit(cfg, data, work_dir=paths.checkpoints, progress=False,
+                       resume_from=interrupted and interrupted.checkpoint)
+        except Stopped as stop:
+            stop.line = ""  # rank 0 says it
+            raise
     with training_lock(paths.train_lock), published() as outputs:
         interrupted = find_interrupted(key, paths.checkpoints)
         with tracking.pipeline_run(cfg, resume_run_id=interrupted and interrupted.run_id) as run:
@@ -126,14 +156,18 @@ def train_stage(cfg: Config, paths: Paths) -> FitResult:
                 log.info("resuming MLflow run %s after epoch %d", run.info.run_id, interrupted.epoch)
                 mlflow.set_tag("resumed_from_epoch", interrupted.epoch)
             else:
-                shutil.rmtree(paths.checkpoints, ignore_errors=True)
+                clear_work_folder(paths.checkpoints)
                 write_json(paths.checkpoints / RESUME_FILE, {"run_id": run.info.run_id, "fingerprint": key})
                 tracking.log_data_source(source, context="training")
                 mlflow.log_artifact(str(paths.params))
             every = cfg.train.images_every_epochs
-            result = fit(cfg, data, run.info.run_id, work_dir=paths.checkpoints,
-                         resume_from=interrupted and interrupted.checkpoint,
-                         callbacks=[EpochImages(run.info.run_id, every)] if every else [])
+            try:
+                result = fit(cfg, data, run.info.run_id, work_dir=paths.checkpoints,
+                             resume_from=interrupted and interrupted.checkpoint,
+                             callbacks=[EpochImages(run.info.run_id, every)] if every else [])
+            except Stopped as stop:
+                stop.line = stopped_line(stop, paths.checkpoints, cfg.train.max_epochs)
+                raise
             tracking.log_results(result.summary())
             mlflow.log_artifact(str(result.best_checkpoint), "checkpoints")
             served.log_model(result.best_checkpoint, cfg.model.kind, data.splits["val"][0][:5].cpu().numpy())
@@ -144,7 +178,7 @@ def train_stage(cfg: Config, paths: Paths) -> FitResult:
             outputs.write(paths.history, history_csv(result.history))
             outputs.write(paths.metrics / "train.json", json_bytes(result.summary()))
             outputs.write(paths.run_file, json_bytes({"run_id": run.info.run_id,
-                                                      "tracking_uri": tracking.tracking_uri()}))
+                                                      "tracking_uri": tracking.recorded_tracking_uri()}))
             mlflow.set_tag(tracking.TRAINING_FINISHED_TAG, "true")
-    shutil.rmtree(paths.checkpoints)  # finished: nothing left to resume
+    clear_work_folder(paths.checkpoints)  # finished: nothing left to resume
     return FitResult(paths.models, result.history, result.monitor)
