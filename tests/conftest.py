@@ -78,6 +78,27 @@ def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "project")
 
 
+@pytest.fixture(scope="session")
+def trained_once(tmp_path_factory) -> Path:
+    """One tiny `dvc repro` per test process (per pytest-xdist worker), for the modules that need
+    a trained project and take a copy of it (`copy_project`). At one torch thread, whose numbers
+    test_reproducible pins; with a system-metrics sample every 0.2 s, since the tiny training
+    ends before MLflow's default 10 s (test_serving checks them)."""
+    project = make_project(tmp_path_factory.mktemp("trained") / "project")
+    run(["dvc", "repro"], project, env_extra={"OMP_NUM_THREADS": "1",
+                                               "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2",
+                                               "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1"})
+    return project
+
+
+def copy_project(source: Path, dest: Path) -> Path:
+    """A copy of a trained project (`cp -a`) whose MLflow store records the copy's own folder,
+    as the README says to do after copying one (`python -m mnist_vae relocate`)."""
+    shutil.copytree(source, dest, symlinks=True)
+    run([sys.executable, "-m", "mnist_vae", "relocate"], dest)
+    return dest
+
+
 def make_project(repo: Path) -> Path:
     repo.mkdir()
     for name in ("pipeline", "src", ".dvc", "plots"):

@@ -30,7 +30,7 @@ import yaml
 from mnist_vae.__main__ import main as cli_main
 from mnist_vae.idx import FILES, idx_bytes, read_idx
 
-from .conftest import BIN, make_project, mlflow_runs, run, tiny_params
+from .conftest import BIN, copy_project, mlflow_runs, run, tiny_params
 
 pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow" -n 0) skips it
 
@@ -39,10 +39,9 @@ OUTPUTS = ("models/best.ckpt", "models/last.ckpt", "models/mlflow_run.json",
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def trained(trained_once, tmp_path_factory) -> Path:
     """One project through `dvc repro`: the previous, good run that no failure may touch."""
-    project = make_project(tmp_path_factory.mktemp("hardening") / "project")
-    run(["dvc", "repro"], project)
+    project = copy_project(trained_once, tmp_path_factory.mktemp("hardening") / "project")
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "trained"], project)
     return project

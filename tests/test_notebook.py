@@ -13,7 +13,7 @@ from nbclient import NotebookClient
 
 from mnist_vae.tracking import metric_value
 
-from .conftest import ROOT, make_project, run
+from .conftest import ROOT, copy_project
 
 pytestmark = pytest.mark.slow  # a dvc repro and a Jupyter kernel per case
 
@@ -23,9 +23,8 @@ NO_LIGHTNING = "import sys\nprint(sorted({m.split('.')[0] for m in sys.modules} 
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    project = make_project(tmp_path_factory.mktemp("notebook") / "project")
-    run(["dvc", "repro"], project)
+def trained(trained_once: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    project = copy_project(trained_once, tmp_path_factory.mktemp("notebook") / "project")
     shutil.copytree(ROOT / "notebooks", project / "notebooks")
     return project
 

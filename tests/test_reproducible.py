@@ -9,7 +9,7 @@ import sys
 import mlflow
 import pytest
 
-from .conftest import make_project, pipeline_runs, run
+from .conftest import copy_project, pipeline_runs, run
 
 pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow" -n 0) skips it
 
@@ -26,10 +26,8 @@ OUTPUTS = ("metrics/*.json", "metrics/*.csv", "models/*.ckpt", "counterpart/*.ck
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    project = make_project(tmp_path_factory.mktemp("trained") / "project")
-    run(["dvc", "repro"], project, env_extra=ONE_THREAD)
-    return project
+def trained(trained_once, tmp_path_factory):
+    return copy_project(trained_once, tmp_path_factory.mktemp("reproducible") / "project")
 
 
 def outputs(project) -> dict[str, bytes]:

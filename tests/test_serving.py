@@ -32,7 +32,7 @@ from mnist_vae.checkpoints import UnsafeCheckpointError, load_vae
 from mnist_vae.data import load_split, to_float
 from mnist_vae.idx import DataSource
 
-from .conftest import BIN, artifact_paths, make_project, mlflow_runs, pipeline_runs, run
+from .conftest import BIN, artifact_paths, copy_project, mlflow_runs, pipeline_runs, run
 
 pytestmark = pytest.mark.slow  # end to end: the fast tier (pytest -m "not slow" -n 0) skips it
 
@@ -40,12 +40,8 @@ N_IMAGES = 5
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    repo = make_project(tmp_path_factory.mktemp("serving") / "project")
-    # A system-metrics sample every 0.2 s: the tiny training ends before MLflow's default 10 s.
-    run(["dvc", "repro"], repo, env_extra={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2",
-                                          "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1"})
-    return repo
+def project(trained_once, tmp_path_factory) -> Path:
+    return copy_project(trained_once, tmp_path_factory.mktemp("serving") / "project")
 
 
 @pytest.fixture

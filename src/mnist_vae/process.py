@@ -87,18 +87,28 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # a scheduler's, `timeout`'s, do
 def stop_on_signals() -> None:
     """SIGTERM and SIGINT raise `Stopped` in the main thread, once: a second signal while the
     first unwinds (closing the MLflow run, marking the trial) is ignored, so the clean-up runs to
-    its end. Python's own SIGTERM ends the process with nothing cleaned up, and Lightning's
-    turns it into an exit with status 0."""
-    stopping = False
+    its end. fit() installs these again as each training starts, in place of Lightning's own.
+    Python's own SIGTERM ends the process with nothing cleaned up, and Lightning's turns it into
+    an exit with status 0."""
 
     def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        if not stopping:
-            stopping = True
+        global _stopping
+        if not _stopping:
+            _stopping = True
             raise Stopped(signum)
 
+    global _stopping
+    _stopping = False
     for signum in STOP_SIGNALS:
         signal.signal(signum, stop)
+
+
+_stopping = False
+
+
+def stopping() -> bool:
+    """Whether a stop signal has come: what fails from here on is the stop's doing."""
+    return _stopping
 
 
 @contextmanager

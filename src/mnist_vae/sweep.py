@@ -31,7 +31,7 @@ from .errors import Stopped
 from .files import write_bytes
 from .lit import NonFiniteLossError, VaeDataModule
 from .paths import Paths
-from .process import set_up_process, set_up_torch, stop_on_signals
+from .process import set_up_process, set_up_torch, stop_on_signals, stopping
 from .study import (
     STOPPED_BY,
     create_or_open_study,
@@ -101,8 +101,8 @@ class Objective:
 
 
 def _quiet_stops(record: logging.LogRecord) -> bool:
-    # Optuna logs a failed trial's traceback; a stop is no failure of the code.
-    return not (record.exc_info and isinstance(record.exc_info[1], Stopped))
+    # Optuna logs a failed trial's traceback and its value; a stop is no failure of the code.
+    return not stopping()
 
 
 def _report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
