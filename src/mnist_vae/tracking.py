@@ -182,6 +182,8 @@ def continue_run(run_file: Path) -> Iterator[mlflow.ActiveRun]:
     run_id = recorded["run_id"]
     # None: the checkout's own store, wherever the checkout is now (it may have moved).
     uri = recorded.get("tracking_uri") or tracking_uri()
+    if uri.startswith("sqlite:") and not Path(uri.removeprefix("sqlite:///")).exists():
+        uri = tracking_uri()  # a run file of an older version, naming the store where it was
     if (env := os.environ.get("MLFLOW_TRACKING_URI")) and env != uri:
         raise PipelineError(f"{run_file}: MLflow run {run_id} is in the store {uri}, but "
                             f"MLFLOW_TRACKING_URI names {env}; unset it or set it to {uri}")
