@@ -88,21 +88,23 @@ def test_nan_loss_fails_the_run_and_names_the_fix(project):
     assert only.info.status == "FAILED"
 
 
+def trial_running(storage: str) -> bool:
+    """Whether the sweep's study has a trial running that has opened its MLflow run."""
+    try:
+        study = optuna.load_study(study_name="mnist-vae", storage=storage)
+    except Exception:  # storage or study not created yet
+        return False
+    return any(t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
+               for t in study.trials)
+
+
 def test_killed_sweep_fails_the_dead_trial_and_continues(project):
     flags = ["--hidden-dims", "[[256, 128]]", "--heartbeat-s", "1", "--pruner", "none"]
     proc = start([sys.executable, "pipeline/sweep.py", "--n-trials", "3", "--max-epochs", "30", *flags],
                  project)
     storage = f"sqlite:///{project / 'sweeps' / 'optuna.db'}"
 
-    def trial_running():
-        try:
-            study = optuna.load_study(study_name="mnist-vae", storage=storage)
-        except Exception:  # storage or study not created yet
-            return False
-        return any(t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
-                   for t in study.trials)
-
-    kill_when(proc, trial_running)
+    kill_when(proc, lambda: trial_running(storage))
     time.sleep(4)  # past the grace period of 3 heartbeats
     run([sys.executable, "pipeline/sweep.py", "--n-trials", "1", "--max-epochs", "1", *flags], project)
     trials = optuna.load_study(study_name="mnist-vae", storage=storage).trials

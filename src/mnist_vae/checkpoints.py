@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -38,20 +39,23 @@ def checkpoint_bytes(obj: Any) -> bytes:
 def portable_checkpoint_bytes(path: Path) -> bytes:
     """A Lightning checkpoint's bytes as they hash the same in every clone for the same weights
     (dvc.lock records the hash): the callback states name the checkpoint folder by its name
-    alone, not the absolute path Lightning records."""
+    alone, not the absolute path Lightning records. Every string is interned: pickle writes a
+    string once per object, and a resumed training's history holds the keys it loaded, not the
+    ones it made, so equal states pickled unequally."""
     folder = str(Path(path).parent.resolve())
 
     def relative(value):
         if isinstance(value, str):
-            return value.replace(folder, Path(folder).name)
+            return sys.intern(value.replace(folder, Path(folder).name))
         if isinstance(value, dict):
             return {relative(k): relative(v) for k, v in value.items()}
+        if type(value) in (list, tuple):  # not a named tuple
+            return type(value)(relative(v) for v in value)
         return value
 
     with open_bounded(path, MAX_CHECKPOINT_BYTES, CHECKPOINT_FILE) as file:
         saved = torch.load(file, map_location="cpu", weights_only=True)
-    saved["callbacks"] = relative(saved.get("callbacks", {}))
-    return checkpoint_bytes(saved)
+    return checkpoint_bytes(relative(saved))
 
 
 def load_checkpoint(path: Path | str, keys: tuple[str, ...] = ("state_dict", "hyper_parameters")) -> dict:
