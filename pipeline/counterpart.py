@@ -6,7 +6,7 @@ import shutil
 
 import mlflow
 
-from mnist_vae import served, tracking
+from mnist_vae import liveness, served, tracking
 from mnist_vae.checkpoints import portable_checkpoint_bytes
 from mnist_vae.config import load_config
 from mnist_vae.files import published
@@ -29,11 +29,11 @@ def main() -> None:
     with published() as outputs, tracking.continue_run(paths.run_file) as parent:
         with mlflow.start_run(experiment_id=parent.info.experiment_id, nested=True,
                               parent_run_id=parent.info.run_id, run_name=f"{other}-counterpart",
-                              tags=tracking.process_tags()) as run, tracking.killed_if_stopped():
+                              tags=liveness.process_tags()) as run, tracking.killed_if_stopped():
             mlflow.log_params(tracking.run_params(cfg))
             result = fit(cfg, data, run.info.run_id, work_dir=paths.counterpart_checkpoints)
-            tracking.log_results(result.summary())
-            served.log_model(result.best_checkpoint, other, data.splits["val"][0][:5].cpu().numpy())
+            model = served.log_model(result.best_checkpoint, other, data.splits["val"][0][:5].cpu().numpy())
+            tracking.log_results(result.summary(), model_id=model.model_id)
         for name in ("best.ckpt", "last.ckpt"):
             outputs.write(paths.counterpart / name, portable_checkpoint_bytes(paths.counterpart_checkpoints / name))
     shutil.rmtree(paths.counterpart_checkpoints)

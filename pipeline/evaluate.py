@@ -10,7 +10,7 @@ from mnist_vae import registry, tracking
 from mnist_vae.checkpoints import load_vae
 from mnist_vae.config import load_config
 from mnist_vae.data import binarize, load_split
-from mnist_vae.evaluate import collapse_warning, evaluate, format_metrics
+from mnist_vae.evaluate import collapse_warning, evaluate, format_metrics, per_image_nats
 from mnist_vae.files import write_json
 from mnist_vae.idx import DataSource
 from mnist_vae.paths import Paths
@@ -36,10 +36,16 @@ def main() -> None:
         metrics |= sample_quality(vae, classifier, images, labels, cfg.evaluate.n_samples,
                                   cfg.evaluate.seed)
         metrics["latent_probe_accuracy"] = latent_probe_accuracy(vae, train, (images, labels))
-        tracking.log_results(metrics)
         mlflow.set_tag("data.binarize", cfg.data.binarize)
-        # Here, where the test metrics are known: the registry ranks versions by them.
-        registry.register(run.info.run_id, cfg.model.kind, source.digest, cfg.data.binarize, metrics)
+        # Here, where the test images are loaded: the registry scores the champion on them too.
+        def score(model):
+            return per_image_nats(model, images, cfg.evaluate.iwae_samples, cfg.evaluate.batch_size,
+                                  cfg.evaluate.seed)
+
+        version = registry.register(run.info.run_id, cfg.model.kind, source.digest, cfg.data.binarize,
+                                    metrics, score, score(vae), cfg.evaluate.champion_min_z,
+                                    paths.mlruns / ".champion.lock")
+        tracking.log_results(metrics, model_id=version.model_id)
         if warning := collapse_warning(metrics):
             log.warning("WARNING: %s", warning)
             mlflow.set_tag("posterior_collapse", "true")

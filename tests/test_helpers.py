@@ -19,6 +19,7 @@ from mnist_vae.config import Config, ConfigError, ModelConfig, TrainConfig
 from mnist_vae.errors import PipelineError
 from mnist_vae.files import published
 from mnist_vae.idx import DataSource
+from mnist_vae.registry import paired_verdict
 from mnist_vae.study import grpc_address, safe, storage_url
 from mnist_vae.study_summary import best_params, dvc_command
 from mnist_vae.sweep import trial_config
@@ -163,3 +164,21 @@ def test_declared_ranges_are_checked_when_a_section_is_made(section, values, mes
     with pytest.raises(ConfigError) as err:
         cls(**values)
     assert str(err.value) == message
+
+
+def test_the_champion_gate_holds_for_noise_and_moves_for_a_clear_gain():
+    generator = torch.Generator().manual_seed(0)
+    champion = 150 + 10 * torch.randn(500, generator=generator)  # per-image nats: images vary a lot
+    by_noise = champion - 0.02 + 0.5 * torch.randn(500, generator=generator)  # a lower mean, by luck
+    assert by_noise.mean() < champion.mean()
+    kept = paired_verdict(champion, by_noise, "3", "1", min_z=2.0)
+    assert not kept.moves and kept.line.startswith("champion stays: version 3 is ")
+    assert "nats per image better than version 1, not significant (z = " in kept.line
+    assert float(kept.tags["champion.z"]) <= 2.0 and kept.tags["champion.compared_with"] == "1"
+
+    clear = paired_verdict(champion, champion - 1.0 + 0.5 * torch.randn(500, generator=generator), "3", "1", 2.0)
+    assert clear.moves and clear.line.startswith("champion moves to version 3: 0.9")
+    gain, se = float(clear.tags["champion.gain_nats"]), float(clear.tags["champion.gain_se"])
+    assert gain == pytest.approx(1.0, abs=0.1) and se == pytest.approx(0.5 / 500**0.5, rel=0.2)
+    assert float(clear.tags["champion.z"]) == pytest.approx(gain / se, rel=1e-2)
+    assert not paired_verdict(champion, champion + 1.0, "3", "1", 2.0).moves  # worse: stays

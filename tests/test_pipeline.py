@@ -76,22 +76,27 @@ def readme_command(start: str) -> list[str]:
     return shlex.split(start + rest.replace("\\|", "|"))
 
 
-def test_queued_experiments_in_parallel_both_land_in_the_projects_store(project):
-    """Queued experiments run in copies under .dvc/tmp/exps, two at once on one SQLite store."""
+def test_queued_experiments_in_parallel_land_in_the_projects_store_grouped_by_config(project):
+    """Queued experiments run in copies under .dvc/tmp/exps, two at once on one SQLite store: a
+    seed range in the README's form (DVC expands it with hydra) and the AE."""
     run(["dvc", "repro", "download"], project)
-    for setting in ("model.latent_dim=3", "model.kind=ae"):
+    for setting in ("train.seed=range(0,2)", "model.kind=ae"):
         run(["dvc", "exp", "run", "--queue", "-S", setting], project)
     run(["dvc", "queue", "start", "-j", "2"], project, env_extra={"OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 300
-    while (status := run(["dvc", "queue", "status"], project).stdout).count("Success") < 2:
+    while (status := run(["dvc", "queue", "status"], project).stdout).count("Success") < 3:
         assert "Failed" not in status and time.monotonic() < deadline, status
         time.sleep(2)
-    runs = {r.data.params["model.kind"]: r for r in pipeline_runs(project)}
-    assert runs["vae"].data.params["model.latent_dim"] == "3"
-    assert all(r.info.status == "FINISHED" and r.data.tags.get("dvc.exp_name") for r in runs.values())
+    runs = pipeline_runs(project)
+    assert all(r.info.status == "FINISHED" and r.data.tags.get("dvc.exp_name") for r in runs)
+    seeds = [r for r in runs if r.data.params["model.kind"] == "vae"]
+    assert sorted(r.data.params["train.seed"] for r in seeds) == ["0", "1"]
+    (group,) = {r.data.tags["config.group"] for r in seeds}  # one group: they differ only in seed
+    (ae,) = [r for r in runs if r.data.params["model.kind"] == "ae"]
+    assert ae.data.tags["config.group"] != group
     # The AE through the whole pipeline: metrics that make sense for it, none faked.
-    assert QUALITY_KEYS | {"test_recon"} <= set(runs["ae"].data.metrics)
-    assert not {"test_neg_elbo", "test_iwae_nll", "val_neg_elbo"} & set(runs["ae"].data.metrics)
+    assert QUALITY_KEYS | {"test_recon"} <= set(ae.data.metrics)
+    assert not {"test_neg_elbo", "test_iwae_nll", "val_neg_elbo"} & set(ae.data.metrics)
     assert not list((project / ".dvc" / "tmp").glob("exps/*/mlruns"))
 
 

@@ -264,6 +264,14 @@ def test_pipeline_run_as_the_ui_shows_it(project):
     assert sorted(f"{key}@{step}" for key, _, step, *_, last in names if last.endswith(".png")) == \
         ["prior_samples@0", "prior_samples@1", "reconstructions@0", "reconstructions@1"]
 
+    # The Models tab: the run's logged model carries its validation and test metrics.
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    models = client.search_logged_models(experiment_ids=[parent.info.experiment_id],
+                                         order_by=[{"field_name": "metrics.test_iwae_nll", "ascending": True}])
+    (ours,) = [m for m in models if m.source_run_id == parent.info.run_id]
+    assert {m.key for m in ours.metrics} >= {"best_val_neg_elbo", "test_iwae_nll", "test_neg_elbo"}
+    assert models[0].model_id == ours.model_id  # ranked first: the other model (the AE's) has no IWAE
+
 
 def test_evaluate_cli_scores_a_logged_model_as_its_checkpoint(project):
     (parent,) = pipeline_runs(project)
@@ -279,12 +287,45 @@ def test_evaluate_cli_scores_a_logged_model_as_its_checkpoint(project):
     assert missing.stderr.startswith("error: --model models:/mnist-vae@nope: cannot load it (")
 
 
-def test_champion_moves_only_for_a_better_model_on_the_same_data(project, store):
+# Registers (or judges again) a version from its run, as the evaluate stage does: `new RUN CKPT`
+# logs the checkpoint as a new run's model first; `again VERSION` judges an existing version.
+REGISTER = """
+import sys
+from pathlib import Path
+import mlflow
+from mnist_vae import registry, served
+from mnist_vae.data import load_split
+from mnist_vae.evaluate import per_image_nats
+from mnist_vae.idx import DataSource
+images = load_split("test", Path("data"))[0]
+def score(vae):
+    return per_image_nats(vae, images, 5, 500, 0)
+client = mlflow.MlflowClient()
+if sys.argv[1] == "new":
+    mlflow.set_experiment("mnist-vae")
+    with mlflow.start_run() as run:
+        served.log_model(Path(sys.argv[2]), "vae", images[:5].numpy())
+    run_id, claimed = run.info.run_id, float(sys.argv[3])
+else:
+    version = client.get_model_version("mnist-vae", sys.argv[2])
+    run_id, claimed = version.run_id, float(version.tags["test_iwae_nll"])
+model = served.load(f"runs:/{run_id}/model").vae
+registry.register(run_id, "vae", DataSource.read(Path("data")).digest, "none", {"test_iwae_nll": claimed},
+                  score, score(model), 2.0, Path("mlruns/.champion.lock"))
+"""
+
+
+def test_champion_moves_only_on_evidence_even_when_evaluations_race(project, store):
     def versions() -> dict[str, dict]:
         return {str(v.version): v.tags for v in store.search_model_versions("name = 'mnist-vae'")}
 
     def champion() -> str:
         return str(store.get_model_version_by_alias("mnist-vae", "champion").version)
+
+    def register(*args: str) -> subprocess.Popen:
+        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+        return subprocess.Popen([sys.executable, "-c", REGISTER, *args], cwd=project, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     (v1,) = versions().values()
     digest = DataSource.read(project / "data").digest
@@ -293,11 +334,26 @@ def test_champion_moves_only_for_a_better_model_on_the_same_data(project, store)
     assert champion() == "1"
 
     worse = run(["dvc", "exp", "run", "--temp", "-S", "train.max_epochs=1"], project)
-    assert set(versions()) == {"1", "2"}
-    assert float(versions()["2"]["test_iwae_nll"]) > float(v1["test_iwae_nll"])
+    assert champion() == "1" and versions()["2"]["champion.compared_with"] == "1"
+    assert float(versions()["2"]["champion.z"]) < 0
+    assert "mnist-vae version 2 registered; champion stays: version 2 is " in worse.stdout + worse.stderr
+
+    # v1's own weights as a new version, its mean lower by luck: the old rule moved the alias.
+    by_noise = register("new", "models/best.ckpt", str(test_iwae_nll - 0.5))
+    out, _ = by_noise.communicate(timeout=120)
+    assert by_noise.returncode == 0, out
     assert champion() == "1"
-    assert "mnist-vae version 2 registered; champion stays: its test_iwae_nll" in worse.stdout + worse.stderr
+    assert versions()["3"]["champion.verdict"] == ("champion stays: version 3 is 0.00 +- 0.00 nats per "
+                                                   "image better than version 1, not significant (z = 0.0 <= 2.0)")
 
     run(["dvc", "exp", "run", "--temp", "-S", "train.max_epochs=6"], project)
-    assert float(versions()["3"]["test_iwae_nll"]) < float(v1["test_iwae_nll"])
-    assert champion() == "3"
+    assert champion() == "4" and float(versions()["4"]["champion.z"]) > 2.0
+
+    # The worst version champion again, then two better ones judged at once: whichever lands
+    # first, the second is judged against it, so the alias ends on the best (4), never on 1.
+    store.set_registered_model_alias("mnist-vae", "champion", "2")
+    racers = [register("again", "1"), register("again", "4")]
+    for racer in racers:
+        out, _ = racer.communicate(timeout=180)
+        assert racer.returncode == 0, out
+    assert champion() == "4"

@@ -2,8 +2,7 @@
 
 Every stage and the sweep call `load_config()`; nothing else reads the YAML. A bad value stops the
 caller with a one-line `ConfigError` naming the key, the value, what was expected and how to fix it.
-Each section is a dataclass with a docstring per field; its `__post_init__` holds its checks.
-"""
+Each section is a dataclass with a docstring per field; its `__post_init__` holds its checks."""
 
 from __future__ import annotations
 
@@ -152,6 +151,8 @@ class EvaluateConfig:
     """Test images per evaluation batch; the k samples are further chunked to bound memory."""
     seed: int = ranged(0, 0, MAX_SEED)
     """Seeds the posterior samples, so the metrics are reproducible."""
+    champion_min_z: float = ranged(2.0, 0.0, 100.0)
+    """`champion` moves to a new version whose mean per-image gain exceeds this many standard errors."""
 
     def __post_init__(self) -> None:
         Checks(self, "evaluate").fields()

@@ -36,6 +36,23 @@ def evaluate(vae: VAE, images: Tensor, iwae_samples: int, batch_size: int = 500,
             "iwae_samples": iwae_samples, "active_units": active_units(torch.cat(means))}
 
 
+@torch.inference_mode()
+def per_image_nats(vae: VAE, images: Tensor, iwae_samples: int, batch_size: int = 500,
+                   seed: int = 0) -> Tensor:
+    """(N,) float64: what the registry ranks models by, per (N, 784) uint8 image, in nats: the
+    IWAE bound on -log p(x), its noise from a generator of its own seeded `seed` (so any two
+    models are scored alike, whatever else draws noise), or the AE's reconstruction."""
+    generator = torch.Generator().manual_seed(seed)
+    parts = []
+    for chunk in images.split(batch_size):
+        x = to_float(chunk)
+        if vae.variational:
+            parts.append(iwae_nll(vae, x, iwae_samples, generator=generator))
+        else:
+            parts.append(bernoulli_nll(vae(x)[0], x))  # the AE's code is its mean: no noise
+    return torch.cat(parts).double()
+
+
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016, section 5.2
 
 

@@ -25,7 +25,7 @@ import optuna
 import torch
 from optuna_integration import PyTorchLightningPruningCallback
 
-from . import tracking
+from . import liveness, tracking
 from .config import Config
 from .errors import Stopped
 from .lit import NonFiniteLossError, VaeDataModule
@@ -81,7 +81,7 @@ class Objective:
                               parent_run_id=self.parent_run_id, run_name=f"trial-{trial.number}",
                               tags={"optuna.study": cfg.sweep.study_name,
                                     "optuna.trial_number": str(trial.number),
-                                    **tracking.process_tags()}) as run, tracking.killed_if_stopped():
+                                    **liveness.process_tags()}) as run, tracking.killed_if_stopped():
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.log_params(tracking.run_params(cfg))
             try:
@@ -144,7 +144,7 @@ def run_sweep(cfg: Config) -> optuna.Study:
     a snapshot of it, and close the parent run if no trial is running anywhere."""
     _quiet_optuna()
     experiment_id = tracking.use_experiment()
-    tracking.close_dead_runs(experiment_id)
+    liveness.close_dead_runs(experiment_id)
     study, created = create_or_open_study(cfg)
     if created:
         enqueue_baseline(study, cfg)

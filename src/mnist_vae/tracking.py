@@ -7,11 +7,11 @@ All logging is explicit: `mlflow.pytorch.autolog` does not patch the `lightning`
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +21,7 @@ from filelock import FileLock
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 
-from . import stores
+from . import liveness, stores
 from .config import Config
 from .errors import PipelineError, Stopped
 from .files import FileRefusedError, read_json_file
@@ -34,10 +34,6 @@ EXPERIMENT = "mnist-vae"
 # Set by the train stage once models/ is ready to publish: the training itself succeeded, even
 # if a later stage that reopened the run was killed and the run marked KILLED.
 TRAINING_FINISHED_TAG = "training.finished"
-HEARTBEAT_TAG = "process.heartbeat"  # unix seconds, set when a run opens and after every epoch
-# A RUNNING run whose heartbeat is older than this is a dead machine's: ten epochs of full MNIST
-# on a slow CPU, or an evaluate stage, take less.
-DEAD_AFTER_S = 15 * 60
 
 
 def default_tracking_uri() -> str:
@@ -100,55 +96,21 @@ def recorded_tracking_uri() -> str | None:
     return None if uri == default_tracking_uri() else uri
 
 
-def process_tags() -> dict[str, str]:
-    """Who holds the run open: lets a later start tell a crashed run from a live one."""
-    tags = {"process.host": socket.gethostname(), "process.pid": str(os.getpid()),
-            HEARTBEAT_TAG: str(int(time.time()))}
-    if exp_name := os.environ.get("DVC_EXP_NAME"):
-        tags["dvc.exp_name"] = exp_name
-    return tags
-
-
-def close_dead_runs(experiment: str) -> None:
-    """Mark KILLED the runs left RUNNING by a dead process: one of this host that no longer
-    exists, or one on any machine whose heartbeat is older than DEAD_AFTER_S."""
-    client = mlflow.MlflowClient()
-    now = time.time()
-    for run in client.search_runs([experiment], "attributes.status = 'RUNNING'"):
-        tags = run.data.tags
-        dead_here = tags.get("process.host") == socket.gethostname() and not _alive(int(tags.get("process.pid", 0)))
-        silent_s = now - float(tags.get(HEARTBEAT_TAG, now))
-        if dead_here or silent_s > DEAD_AFTER_S:
-            client.set_terminated(run.info.run_id, status="KILLED")
-            why = "a dead process" if dead_here else \
-                f"{tags.get('process.host', 'a machine')}, silent for {silent_s / 60:.0f} min"
-            log.warning("MLflow run %s was left RUNNING by %s: marked KILLED", run.info.run_id, why)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return pid > 0
-
-
 @contextmanager
 def pipeline_run(cfg: Config, resume_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Open the pipeline's run (train stage), or reopen an interrupted one. It ends FINISHED, or
     FAILED if the block raises."""
     experiment = use_experiment()
-    close_dead_runs(experiment)
+    liveness.close_dead_runs(experiment)
     # The experiment's kind, for MLflow's API and any UI that reads it. MLflow 3.17's sidebar does
     # not: it follows its GenAI / Model training switch, kept in the browser (docs/ui.md).
     mlflow.MlflowClient().set_experiment_tag(experiment, "mlflow.experimentKind", "custom_model_development")
     if resume_run_id is not None:
-        run = mlflow.start_run(run_id=resume_run_id, tags=process_tags(), log_system_metrics=True)
+        run = mlflow.start_run(run_id=resume_run_id, tags=liveness.process_tags(), log_system_metrics=True)
     else:
         run = mlflow.start_run(experiment_id=experiment, run_name=run_name(cfg),
-                               tags=process_tags(), log_system_metrics=True)
+                               tags={**liveness.process_tags(), GROUP_TAG: config_group(cfg)},
+                               log_system_metrics=True)
     # Everything after start_run inside `with run`: a run still active when an error ends the
     # process is ended FINISHED by MLflow's exit handler (seen with a full disk under SQLite).
     with run, killed_if_stopped():
@@ -187,7 +149,7 @@ def continue_run(run_file: Path) -> Iterator[mlflow.ActiveRun]:
     if (env := os.environ.get("MLFLOW_TRACKING_URI")) and env != uri:
         raise PipelineError(f"{run_file}: MLflow run {run_id} is in the store {uri}, but "
                             f"MLFLOW_TRACKING_URI names {env}; unset it or set it to {uri}")
-    close_dead_runs(use_experiment(uri=uri))
+    liveness.close_dead_runs(use_experiment(uri=uri))
     try:
         found = mlflow.MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException:
@@ -198,7 +160,7 @@ def continue_run(run_file: Path) -> Iterator[mlflow.ActiveRun]:
     if status != "FINISHED" and found.data.tags.get(TRAINING_FINISHED_TAG) != "true":
         raise PipelineError(f"{run_file}: MLflow run {run_id} is {status}, not FINISHED: its "
                             "training did not complete; run `dvc repro -f train`")
-    run = mlflow.start_run(run_id=run_id, tags=process_tags())
+    run = mlflow.start_run(run_id=run_id, tags=liveness.process_tags())
     try:
         with killed_if_stopped():
             yield run
@@ -235,6 +197,16 @@ def run_name(cfg: Config) -> str:
     return "-".join(filter(None, [cfg.model.kind, f"z{cfg.model.latent_dim}", commit]))
 
 
+GROUP_TAG = "config.group"
+
+
+def config_group(cfg: Config) -> str:
+    """The run's config without train.seed, hashed: runs that differ only in their seed share it,
+    so MLflow's "Group by" this tag shows each config's mean and spread over seeds."""
+    params = {k: v for k, v in run_params(cfg).items() if k != "train.seed"}
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def run_params(cfg: Config) -> dict[str, object]:
     """What configures a training run; `sweep.*` configures the sweep, whose parent run has them."""
     return {k: v for k, v in cfg.flat().items() if not k.startswith("sweep.")}
@@ -250,7 +222,10 @@ def metric_value(value: float) -> float:
     return float(f"{float(value):.{METRIC_DIGITS}g}")
 
 
-def log_results(values: dict[str, float]) -> None:
-    """Measurements as metrics of the active run; the CONSTANTS among them as tags."""
-    mlflow.log_metrics({k: metric_value(v) for k, v in values.items() if k not in CONSTANTS})
+def log_results(values: dict[str, float], model_id: str | None = None) -> None:
+    """Measurements as metrics of the active run, and of its logged model `model_id` if given (the
+    experiment's Models tab lists them; mlflow.search_logged_models ranks by them); the CONSTANTS
+    among them as tags."""
+    mlflow.log_metrics({k: metric_value(v) for k, v in values.items() if k not in CONSTANTS},
+                       model_id=model_id)
     mlflow.set_tags({k: v for k, v in values.items() if k in CONSTANTS})

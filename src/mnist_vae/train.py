@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from mlflow.entities import Metric, RunTag
 
-from . import tracking
+from . import liveness, tracking
 from .config import Config, TrainConfig
 from .errors import Stopped
 from .lit import LitVAE, VaeDataModule
@@ -140,8 +140,8 @@ class EpochMetricsLogger(L.Callback):
         now_ms = int(time.time() * 1000)
         metrics = [Metric(k, tracking.metric_value(v), now_ms, trainer.current_epoch)
                    for k, v in trainer.callback_metrics.items()]
-        # With a sign of life that any machine can read (tracking.close_dead_runs): one write.
-        heartbeat = RunTag(tracking.HEARTBEAT_TAG, str(now_ms // 1000))
+        # With a sign of life that any machine can read (liveness.close_dead_runs): one write.
+        heartbeat = RunTag(liveness.HEARTBEAT_TAG, str(now_ms // 1000))
         mlflow.MlflowClient().log_batch(self.run_id, metrics=metrics, tags=[heartbeat])
 
 

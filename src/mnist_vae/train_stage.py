@@ -168,9 +168,9 @@ def train_stage(cfg: Config, paths: Paths) -> FitResult:
             except Stopped as stop:
                 stop.line = stopped_line(stop, paths.checkpoints, cfg.train.max_epochs)
                 raise
-            tracking.log_results(result.summary())
             mlflow.log_artifact(str(result.best_checkpoint), "checkpoints")
-            served.log_model(result.best_checkpoint, cfg.model.kind, data.splits["val"][0][:5].cpu().numpy())
+            model = served.log_model(result.best_checkpoint, cfg.model.kind, data.splits["val"][0][:5].cpu().numpy())
+            tracking.log_results(result.summary(), model_id=model.model_id)
             # Written beside their places now (a full disk fails here, the run FAILED), renamed
             # into place once the run has ended FINISHED; the run file last.
             for name in ("best.ckpt", "last.ckpt"):
