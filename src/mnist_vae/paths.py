@@ -55,5 +55,7 @@ class Paths:
     counterpart_checkpoints = property(lambda self: self.root / "checkpoints-counterpart")
     # Beside checkpoints/, not in it: that folder is deleted while the lock is held.
     train_lock = property(lambda self: self.root / ".train.lock")
+    # The checkout's, not the store's: the store may be a server, and queued experiments share it.
+    champion_lock = property(lambda self: self.checkout / ".champion.lock")
     mlruns = property(lambda self: self.checkout / "mlruns")
     sweeps = property(lambda self: self.checkout / "sweeps")

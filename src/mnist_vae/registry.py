@@ -80,7 +80,6 @@ def register(run_id: str, kind: str, data_digest: str, binarize: str, metrics: d
             client.set_model_version_tag(name, version.version, key, value)
     else:
         version = mlflow.register_model(f"runs:/{run_id}/{MODEL_NAME}", name, tags=tags)
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(lock_file):  # read the champion, judge, move: nothing in between
         verdict = _judge(client, name, str(version.version), tags, score, challenger, min_z)
         for key, value in verdict.tags.items():
