@@ -43,7 +43,7 @@ def main() -> None:
                                   cfg.evaluate.seed)
 
         version = registry.register(run.info.run_id, cfg.model.kind, source.digest, cfg.data.binarize,
-                                    metrics, score, score(vae), cfg.evaluate.champion_min_z,
+                                    metrics, score, vae, cfg.evaluate.champion_min_z,
                                     paths.champion_lock)
         tracking.log_results(metrics, model_id=version.model_id)
         if warning := collapse_warning(metrics):

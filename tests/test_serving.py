@@ -311,7 +311,7 @@ else:
     run_id, claimed = version.run_id, float(version.tags["test_iwae_nll"])
 model = served.load(f"runs:/{run_id}/model").vae
 registry.register(run_id, "vae", DataSource.read(Path("data")).digest, "none", {"test_iwae_nll": claimed},
-                  score, score(model), 2.0, Path(".champion.lock"))
+                  score, model, 2.0, Path(".champion.lock"))
 """
 
 

@@ -64,12 +64,12 @@ def paired_verdict(champion: torch.Tensor, challenger: torch.Tensor, version: st
 
 
 def register(run_id: str, kind: str, data_digest: str, binarize: str, metrics: dict[str, float],
-             score: Callable[[VAE], torch.Tensor], challenger: torch.Tensor, min_z: float,
+             score: Callable[[VAE], torch.Tensor], vae: VAE, min_z: float,
              lock_file: Path) -> mlflow.entities.model_registry.ModelVersion:
     """Register the run's model as a new version (once per run: a rerun of evaluate updates its
     tags), and move `champion` to it if the paired test says it beats the champion measured on
-    the same data and binarization. `score` gives a model's per-image nats on the test images,
-    `challenger` this run's."""
+    the same data and binarization. `score` gives a model's per-image nats on the test images;
+    `vae` is this run's model, scored only when there is a champion to compare it with."""
     client = mlflow.MlflowClient()
     name, metric = REGISTERED[kind], RANK_METRIC[kind]
     tags = {"data.digest": data_digest, "data.binarize": binarize, metric: str(metrics[metric])}
@@ -81,7 +81,7 @@ def register(run_id: str, kind: str, data_digest: str, binarize: str, metrics: d
     else:
         version = mlflow.register_model(f"runs:/{run_id}/{MODEL_NAME}", name, tags=tags)
     with FileLock(lock_file):  # read the champion, judge, move: nothing in between
-        verdict = _judge(client, name, str(version.version), tags, score, challenger, min_z)
+        verdict = _judge(client, name, str(version.version), tags, score, vae, min_z)
         for key, value in verdict.tags.items():
             client.set_model_version_tag(name, version.version, key, value)
         if verdict.moves:
@@ -91,7 +91,7 @@ def register(run_id: str, kind: str, data_digest: str, binarize: str, metrics: d
 
 
 def _judge(client: mlflow.MlflowClient, name: str, version: str, tags: dict[str, str],
-           score: Callable[[VAE], torch.Tensor], challenger: torch.Tensor, min_z: float) -> Verdict:
+           score: Callable[[VAE], torch.Tensor], vae: VAE, min_z: float) -> Verdict:
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except mlflow.exceptions.MlflowException:  # no champion yet
@@ -104,4 +104,4 @@ def _judge(client: mlflow.MlflowClient, name: str, version: str, tags: dict[str,
                            f"data ({key} {champion.tags.get(key)}, version {version} {tags[key]}): "
                            "they do not compare", {})
     champion_scores = score(load(f"models:/{name}/{champion.version}").vae)
-    return paired_verdict(champion_scores, challenger, version, str(champion.version), min_z)
+    return paired_verdict(champion_scores, score(vae), version, str(champion.version), min_z)

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import mlflow
 import optuna
-import torch
 from optuna_integration import PyTorchLightningPruningCallback
 
 from . import liveness, tracking
@@ -116,7 +115,7 @@ def _report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
              trial.number, trial.state.name, shown_params(trial.params), value, done, best)
 
 
-def _worker(cfg: Config, n_trials: int, parent_run_id: str, threads: int) -> None:
+def _worker(cfg: Config, n_trials: int, parent_run_id: str) -> None:
     study = open_study(cfg)
     study.optimize(Objective(cfg, parent_run_id), n_trials=n_trials, timeout=cfg.sweep.timeout_s,
                    callbacks=[_report], catch=(NonFiniteLossError,))
@@ -128,7 +127,7 @@ def _spawned_worker(cfg: Config, n_trials: int, parent_run_id: str, threads: int
     stop_on_signals()
     _quiet_optuna()
     try:
-        _worker(cfg, n_trials, parent_run_id, threads)
+        _worker(cfg, n_trials, parent_run_id)
     except Stopped as stop:  # its trial is marked; the parent process says it
         sys.exit(stop.exit_status)
 
@@ -161,7 +160,7 @@ def run_sweep(cfg: Config) -> optuna.Study:
     procs = []
     try:
         if workers == 1:
-            _worker(cfg, shares[0], parent_run_id, torch.get_num_threads())
+            _worker(cfg, shares[0], parent_run_id)
         else:
             spawn = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
             procs = [spawn.Process(target=_spawned_worker, args=(cfg, n, parent_run_id, threads))
