@@ -5,6 +5,7 @@ training stopped and resumed is, tensor for tensor, the training never stopped."
 import os
 import signal
 import sys
+from pathlib import Path
 
 import lightning as L
 import optuna
@@ -70,9 +71,14 @@ def test_a_training_stopped_and_resumed_is_the_training_never_stopped(tmp_path, 
 
 
 def training_pid(parent) -> int | None:
-    """The training's process under `dvc repro` (rank 0's, under DDP)."""
+    """The training's process under `dvc repro` (rank 0's, under DDP).
+
+    DVC runs a stage through $SHELL, or /bin/sh; dash does not exec the command, so a shell
+    whose command line names the script may stand between DVC and the interpreter."""
     def is_training(process):
-        return any(part.endswith("pipeline/train.py") for part in process.cmdline())
+        executable, *args = process.cmdline() or [""]
+        return (Path(executable).name.startswith("python")
+                and any(arg.endswith("pipeline/train.py") for arg in args))
 
     for child in psutil.Process(parent.pid).children(recursive=True):
         if is_training(child) and not is_training(child.parent()):
