@@ -9,12 +9,12 @@ import subprocess
 
 import yaml
 
-from mnist_vae.config import SweepConfig, check_sweepable, load_config
+from mnist_vae.config import SweepConfig, load_config
 from mnist_vae.errors import ArgumentParser
 from mnist_vae.idx import SOURCE_FILE
 from mnist_vae.paths import Paths
 from mnist_vae.process import command
-from mnist_vae.study import check_storage
+from mnist_vae.study import check_storage, check_sweepable
 from mnist_vae.sweep import run_sweep
 
 

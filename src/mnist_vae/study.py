@@ -17,7 +17,7 @@ import mlflow
 import optuna
 
 from . import stores, tracking
-from .config import Config
+from .config import Config, ConfigError
 from .errors import PipelineError
 from .paths import Paths
 
@@ -215,3 +215,14 @@ def requeue_stopped(study: optuna.Study) -> None:
             measured.append(trial.params)
             log.info("trial %d was stopped by %s: its params are measured again", trial.number,
                      trial.user_attrs[STOPPED_BY])
+
+
+def check_sweepable(cfg: Config, path: str = "params.yaml") -> None:
+    """What the sweep needs of the rest of params.yaml: a VAE (or IWAE), one device per trial."""
+    if not cfg.model.variational:
+        raise ConfigError(f"{path}: model.kind = {cfg.model.kind!r}; the sweep tunes a VAE (its kl_weight "
+                          "and ELBO), set model.kind: vae or iwae")
+    if (devices := cfg.train.devices * cfg.train.num_nodes) > 1:
+        raise ConfigError(f"{path}: train.devices * train.num_nodes = {devices}; the sweep trains "
+                          "each trial on one device (run trials in parallel with --workers N), set "
+                          "train.devices: 1 and train.num_nodes: 1")
