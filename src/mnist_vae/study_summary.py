@@ -76,7 +76,7 @@ def summarise_to_parent(snapshot: optuna.Study, parent_run_id: str, out_dir: Pat
     client.log_batch(parent_run_id, tags=[mlflow.entities.RunTag(f"best.{k}", str(v)) for k, v in
                                           {**best_trial.params, "trial_number": best_trial.number}.items()])
     client.log_artifact(parent_run_id, str(out_dir / "best_params.yaml"))
-    from .figures import study_plots  # matplotlib only when there is something to draw
+    from .study_plots import study_plots  # matplotlib only when there is something to draw
 
     for path in study_plots(snapshot, out_dir):
         client.log_artifact(parent_run_id, str(path), "plots")
