@@ -2,6 +2,8 @@
 
 Reads the `sweep:` section of params.yaml; each of its keys is also a flag (--n-trials 4,
 --hidden-dims '[[128], [256, 128]]'). Fetches the data through the download stage if missing.
+`--objective rate_distortion` minimises val_kl and val_recon together (no pruning) and writes the
+Pareto front to sweeps/pareto_front.csv beside sweeps/best_params.yaml.
 """
 
 import dataclasses

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 CLUSTER_EXTRA = "pip install -e '.[cluster]'"
 PARENT_WAIT_S = 60  # how long a joining machine waits for the study's creator to make the parent run
-OBJECTIVE = "val_neg_elbo"
+# What each sweep.objective minimises: a trial's values, in order, named so in the study.
+OBJECTIVES = {"neg_elbo": ["val_neg_elbo"], "rate_distortion": ["val_kl", "val_recon"]}
 SQLITE = "sqlite:///"
 GRPC = "grpc://"
 STOPPED_BY = "stopped_by"  # a trial's user attribute: the signal that stopped it
@@ -122,17 +123,38 @@ def _kill_child_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Non
 def _search(cfg: Config) -> dict:
     """How the study proposes and stops trials, the same wherever it is opened."""
     sweep = cfg.sweep
+    # Optuna cannot prune a multi-objective study (Trial.report raises): rate_distortion runs
+    # every trial to its end.
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials,
                                           n_warmup_steps=sweep.pruner_warmup_epochs)
-              if sweep.pruner == "median" else optuna.pruners.NopPruner())
+              if sweep.pruner == "median" and sweep.objective == "neg_elbo" else optuna.pruners.NopPruner())
     return {"pruner": pruner, "sampler": optuna.samplers.TPESampler(seed=sweep.seed)}
 
 
 def open_study(cfg: Config, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
     study = optuna.load_study(study_name=cfg.sweep.study_name, storage=storage or open_storage(cfg),
                               **_search(cfg))
+    check_objective(study, cfg)
     optuna.storages.fail_stale_trials(study)
     return study
+
+
+def _directions(objective: str) -> list[optuna.study.StudyDirection]:
+    return [optuna.study.StudyDirection.MINIMIZE] * len(OBJECTIVES[objective])
+
+
+def check_objective(study: optuna.Study, cfg: Config) -> None:
+    """Fail in one line, before any training, if the study minimises another objective than
+    sweep.objective: Optuna would take the trials' values (one, or two) for the study's own."""
+    sweep = cfg.sweep
+    if study.directions == _directions(sweep.objective):
+        return
+    held = next((f"a {name} study" for name in OBJECTIVES if study.directions == _directions(name)),
+                f"a study with directions {[d.name.lower() for d in study.directions]}")
+    raise PipelineError(
+        f"study {study.study_name!r} in {safe(sweep.storage)} is {held}, not {sweep.objective}: pass "
+        f"another --study-name for a {sweep.objective} study, or delete this one (optuna delete-study "
+        f"--study-name {study.study_name} --storage {safe(sweep.storage)})")
 
 
 def create_or_open_study(cfg: Config) -> tuple[optuna.Study, bool]:
@@ -140,10 +162,11 @@ def create_or_open_study(cfg: Config) -> tuple[optuna.Study, bool]:
     storage = open_storage(cfg)
     try:
         study = optuna.create_study(study_name=cfg.sweep.study_name, storage=storage,
-                                    direction="minimize", **_search(cfg))
+                                    directions=_directions(cfg.sweep.objective), **_search(cfg))
     except optuna.exceptions.DuplicatedStudyError:
         return open_study(cfg, storage), False
-    study.set_metric_names([OBJECTIVE])  # so optuna-dashboard and Optuna's plots name the axis
+    # So optuna-dashboard and Optuna's plots name the axes.
+    study.set_metric_names(OBJECTIVES[cfg.sweep.objective])
     return study, True
 
 
@@ -184,7 +207,11 @@ def wait_for_parent_run(study: optuna.Study, cfg: Config) -> str:
 def snapshot_study(study: optuna.Study) -> optuna.Study:
     """An in-memory copy of the study as it is now: other machines keep adding trials to the
     shared one, and a summary read from it twice could mix two moments."""
-    snapshot = optuna.create_study(study_name=study.study_name, direction="minimize")
+    snapshot = optuna.create_study(study_name=study.study_name, directions=study.directions)
+    if len(study.directions) > 1 and study.metric_names:
+        # A multi-objective study's importances are named by them; a single objective's plots
+        # are given their axis name.
+        snapshot.set_metric_names(study.metric_names)
     snapshot.add_trials(study.get_trials(deepcopy=True))
     for key, value in study.user_attrs.items():
         snapshot.set_user_attr(key, value)
@@ -199,7 +226,6 @@ def enqueue_baseline(study: optuna.Study, cfg: Config) -> None:
             and model.hidden_dims in sweep.hidden_dims):
         study.enqueue_trial({"latent_dim": model.latent_dim, "kl_weight": model.kl_weight,
                              "hidden_dims": json.dumps(list(model.hidden_dims))})
-
 
 
 def requeue_stopped(study: optuna.Study) -> None:

@@ -2,11 +2,12 @@
 
 Each trial is the train stage's `fit()` on the base config with the sampled values replaced. The
 objective is the beta-free validation -ELBO: the kl_weight-weighted loss would reward a small
-kl_weight for nothing. The study lives in an Optuna storage (study.py), so rerunning continues
-it; a trial whose process died stops sending heartbeats and is marked FAIL (with its MLflow run
-KILLED) by the next run, and a trial a signal stopped is marked FAIL at once and measured again
-by the next run. Each machine summarises one snapshot of the study when it is done
-(study_summary.py).
+kl_weight for nothing. With sweep.objective rate_distortion the study minimises its two terms
+together, rate (val_kl) and distortion (val_recon), and finds their Pareto front. The study lives
+in an Optuna storage (study.py), so rerunning continues it; a trial whose process died stops
+sending heartbeats and is marked FAIL (with its MLflow run KILLED) by the next run, and a trial a
+signal stopped is marked FAIL at once and measured again by the next run. Each machine
+summarises one snapshot of the study when it is done (study_summary.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .lit import NonFiniteLossError, VaeDataModule
 from .paths import Paths
 from .process import set_up_process, set_up_torch, stop_on_signals, stopping
 from .study import (
+    OBJECTIVES,
     STOPPED_BY,
     create_or_open_study,
     create_parent_run,
@@ -40,7 +42,14 @@ from .study import (
     snapshot_study,
     wait_for_parent_run,
 )
-from .study_summary import has_complete_trial, log_study_numbers, shown_params, summarise_to_parent, write_best_params
+from .study_summary import (
+    has_complete_trial,
+    is_multi_objective,
+    log_study_numbers,
+    shown_params,
+    summarise_to_parent,
+    write_best_params,
+)
 from .train import fit
 
 log = logging.getLogger(__name__)
@@ -67,15 +76,18 @@ class Objective:
         self.experiment_id = tracking.use_experiment()
         self.data = VaeDataModule(cfg.data, cfg.train, Paths.of().data)
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         try:
             return self._measure(trial)
         except Stopped as stop:
             trial.set_user_attr(STOPPED_BY, stop.name)  # Optuna marks it FAIL; requeue_stopped
             raise
 
-    def _measure(self, trial: optuna.Trial) -> float:
+    def _measure(self, trial: optuna.Trial) -> float | tuple[float, float]:
         cfg = trial_config(self.cfg, trial)
+        single = cfg.sweep.objective == "neg_elbo"
+        # Optuna cannot prune a multi-objective trial (Trial.report raises).
+        pruning = [PyTorchLightningPruningCallback(trial, "val_neg_elbo")] if single else []
         with mlflow.start_run(experiment_id=self.experiment_id, nested=True,
                               parent_run_id=self.parent_run_id, run_name=f"trial-{trial.number}",
                               tags={"optuna.study": cfg.sweep.study_name,
@@ -87,7 +99,7 @@ class Objective:
                 with tempfile.TemporaryDirectory() as work_dir:
                     result = fit(cfg, self.data, run.info.run_id, work_dir=Path(work_dir),
                                  progress=False,
-                                 callbacks=[PyTorchLightningPruningCallback(trial, "val_neg_elbo")])
+                                 callbacks=pruning)
             except optuna.TrialPruned:
                 result = None  # a pruned trial is no failure: its run ends FINISHED
             mlflow.set_tag("optuna.state", "PRUNED" if result is None else "COMPLETE")
@@ -96,7 +108,10 @@ class Objective:
         best = result.best
         for key in ("val_recon", "val_kl"):
             trial.set_user_attr(key, best[key])
-        return best["val_neg_elbo"]
+        if single:
+            return best["val_neg_elbo"]
+        trial.set_user_attr("val_neg_elbo", best["val_neg_elbo"])  # for the tables
+        return best["val_kl"], best["val_recon"]
 
 
 def _quiet_stops(record: logging.LogRecord) -> bool:
@@ -106,6 +121,13 @@ def _quiet_stops(record: logging.LogRecord) -> bool:
 
 def _report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     done = len(study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]))
+    if is_multi_objective(study):  # no one best trial: the front's size
+        names = OBJECTIVES["rate_distortion"]
+        values = "-" if trial.values is None else ", ".join(
+            f"{name} {value:.2f}" for name, value in zip(names, trial.values, strict=True))
+        log.info("trial %d %s (%s): %s | %d complete, %d on the Pareto front", trial.number, trial.state.name,
+                 shown_params(trial.params), values, done, len(study.best_trials))
+        return
     try:
         best = f"best {study.best_value:.2f} (trial {study.best_trial.number})"
     except ValueError:
@@ -145,6 +167,9 @@ def run_sweep(cfg: Config) -> optuna.Study:
     experiment_id = tracking.use_experiment()
     liveness.close_dead_runs(experiment_id)
     study, created = create_or_open_study(cfg)
+    if cfg.sweep.objective == "rate_distortion":
+        log.info("sweep.objective rate_distortion: pruning is off (Optuna cannot prune a "
+                 "multi-objective study)")
     if created:
         enqueue_baseline(study, cfg)
         create_parent_run(study, cfg, experiment_id)  # last: joiners wait for it
