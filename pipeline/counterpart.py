@@ -1,5 +1,5 @@
-"""DVC stage `counterpart`: the same MLPs trained as the other kind (the plain AE for a VAE, the
-VAE for an AE), as a child of the pipeline's MLflow run, for the side-by-side figure."""
+"""DVC stage `counterpart`: the same MLPs trained as the other kind (the plain AE for a VAE or
+an IWAE, the VAE for an AE), as a child of the pipeline's MLflow run, for the side-by-side figure."""
 
 import dataclasses
 import shutil
@@ -19,7 +19,7 @@ from mnist_vae.train import fit
 def main() -> None:
     paths = Paths.of()
     cfg = load_config(paths.params)
-    other = "ae" if cfg.model.kind == "vae" else "vae"
+    other = "vae" if cfg.model.kind == "ae" else "ae"
     # On one device whatever train.devices says: a DDP launch would rerun this script per rank,
     # each opening a child run; the baseline is small and only drawn in a figure.
     train = dataclasses.replace(cfg.train, devices=1, num_nodes=1, strategy="auto")

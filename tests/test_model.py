@@ -15,7 +15,7 @@ from mnist_vae.checkpoints import load_vae
 from mnist_vae.errors import PipelineError
 from mnist_vae.evaluate import active_units, collapse_warning, evaluate, kl_per_dimension
 from mnist_vae.lit import LitVAE
-from mnist_vae.model import VAE, iwae_nll, neg_elbo_terms
+from mnist_vae.model import VAE, iwae_loss_terms, iwae_nll, neg_elbo_terms
 
 
 def test_neg_elbo_terms_match_a_hand_computation():
@@ -63,6 +63,47 @@ def test_iwae_chunking_gives_the_same_bound():
         torch.manual_seed(1)
         chunked = iwae_nll(vae, x, 7, max_elements=3 * 8 * 784)  # chunks of 3, 3, 1 samples
     torch.testing.assert_close(whole, chunked)
+
+
+def losses_and_gradients(kind: str, kl_weight: float, iwae_k: int = 1) -> tuple[float, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    module = LitVAE(hidden_dims=[32], latent_dim=4, kl_weight=kl_weight, lr=1e-3, weight_decay=0.1,
+                    t_max=10, kind=kind, iwae_k=iwae_k)
+    x = torch.rand(16, 784).round()
+    torch.manual_seed(1)  # the same reparameterisation noise for both kinds
+    loss = module._common_step((x, None), "train")
+    loss.backward()
+    return loss.item(), [p.grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize("kl_weight", [1.0, 0.3])
+def test_the_iwae_objective_at_k_1_is_the_vae_loss_exactly(kl_weight):
+    vae_loss, vae_grads = losses_and_gradients("vae", kl_weight)
+    iwae_loss, iwae_grads = losses_and_gradients("iwae", kl_weight, iwae_k=1)
+    assert iwae_loss == vae_loss
+    for vae_grad, iwae_grad in zip(vae_grads, iwae_grads, strict=True):
+        assert torch.equal(vae_grad, iwae_grad)
+    _, other_grads = losses_and_gradients("iwae", kl_weight, iwae_k=2)  # the test can fail
+    assert not all(torch.equal(a, b) for a, b in zip(vae_grads, other_grads, strict=True))
+
+
+def test_the_iwae_objective_estimates_the_evaluation_bound_without_bias_and_tightens_with_k():
+    torch.manual_seed(0)
+    vae = VAE([32], latent_dim=4)
+    x = torch.rand(8, 784).round()
+
+    def draws(draw, n=2000):
+        values = torch.stack([draw() for _ in range(n)]).double()
+        return values.mean(0), values.var(0) / n
+
+    with torch.no_grad():
+        for k in (1, 10):  # the closed-form KL offset changes the variance, not the mean
+            training, training_var = draws(lambda k=k: iwae_loss_terms(vae, x, k)["iwae_k"])
+            evaluation, evaluation_var = draws(lambda k=k: iwae_nll(vae, x, k))
+            z = (training - evaluation) / (training_var + evaluation_var).sqrt()
+            assert z.abs().max() < 4, (k, z)
+        terms = iwae_loss_terms(vae, x, 50)
+    assert terms["iwae_k"].mean() < (terms["recon"] + terms["kl"]).mean()
 
 
 def tiny_module() -> LitVAE:
@@ -159,6 +200,20 @@ def test_the_autoencoder_has_no_elbo_to_report():
     trainer.fit(module, synthetic_batches(), synthetic_batches())
     assert {"train_loss", "val_loss", "val_recon"} <= set(trainer.callback_metrics)
     assert "val_neg_elbo" not in trainer.callback_metrics and "val_kl" not in trainer.callback_metrics
+
+
+def test_the_iwae_logs_its_training_bound_beside_the_beta_free_elbo():
+    module = LitVAE(hidden_dims=[16], latent_dim=2, kl_weight=1.0, lr=1e-3, weight_decay=0.1,
+                    t_max=10, kind="iwae", iwae_k=5)
+    assert module.monitor == "val_iwae_k"
+    trainer = L.Trainer(fast_dev_run=True, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, synthetic_batches(), synthetic_batches())
+    metrics = trainer.callback_metrics
+    assert {"train_loss", "val_loss", "val_neg_elbo", "val_recon", "val_kl", "val_iwae_k"} <= set(metrics)
+    assert metrics["val_neg_elbo"] == pytest.approx(metrics["val_recon"] + metrics["val_kl"])
+    assert metrics["val_iwae_k"] == metrics["val_loss"]  # kl_weight 1: the loss is the bound
+    assert metrics["val_iwae_k"] < metrics["val_neg_elbo"]
 
 
 @pytest.mark.parametrize("set_up", [True, False])

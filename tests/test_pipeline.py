@@ -5,6 +5,7 @@ import shlex
 import sys
 import time
 
+import mlflow
 import pytest
 import yaml
 
@@ -48,19 +49,30 @@ def test_repro_then_noop_then_experiment(project):
     assert "Running stage" not in again.stdout, again.stdout
     assert len(pipeline_runs(project)) == 1
 
-    run(["dvc", "exp", "run", "-S", "model.latent_dim=3", "-S", "data.binarize=dynamic"], project)
+    # The variant is an IWAE: trained on the 3-sample bound, evaluated, registered and drawn as a VAE.
+    run(["dvc", "exp", "run", "-S", "model.kind=iwae", "-S", "model.iwae_k=3", "-S", "data.binarize=dynamic"],
+        project)
     runs = pipeline_runs(project)
     assert len(runs) == 2
     variant = next(r for r in runs if r.info.run_id != first.info.run_id)
-    assert variant.data.params["model.latent_dim"] == "3" and variant.info.status == "FINISHED"
+    assert variant.data.params["model.kind"] == "iwae" and variant.data.params["model.iwae_k"] == "3"
+    assert variant.info.status == "FINISHED"
     assert variant.data.tags["data.binarize"] == "dynamic"
     assert variant.data.tags.get("dvc.exp_name")
+    assert {"val_iwae_k", "val_neg_elbo", "test_iwae_nll", "sample_fd"} <= set(variant.data.metrics)
+    assert metric_steps(project, variant.info.run_id, "val_iwae_k") == [0, 1]
+    assert artifact_paths(project, variant.info.run_id, "figures") == {f"figures/{name}" for name in FIGURES}
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    (version,) = client.search_model_versions(f"name = 'mnist-vae' and run_id = '{variant.info.run_id}'")
+    assert version.tags["model.kind"] == "iwae"
+    # Binarized test images do not compare with grayscale ones: the champion stays the first.
+    assert str(client.get_model_version_by_alias("mnist-vae", "champion").version) == "1"
     assert "test_iwae_nll" in run(["dvc", "exp", "show", "--json"], project).stdout
     # The README's comparison fits a terminal: drawn 400 columns wide, no line passes 120.
     table = run([*readme_command("dvc exp show --only-changed"), "--no-pager"], project,
                 env_extra={"COLUMNS": "400"}).stdout
     assert max(len(line) for line in table.splitlines()) <= 120, table
-    assert all(column in table for column in ("test_iwae_nll", "model.latent_dim", "data.binarize")), table
+    assert all(column in table for column in ("test_iwae_nll", "model.kind", "data.binarize")), table
 
     # The evaluate CLI scores any checkpoint on any IDX image file; JSON on the last line.
     out = run([sys.executable, "-m", "mnist_vae", "evaluate", "--checkpoint", "models/best.ckpt",

@@ -98,7 +98,7 @@ def load_vae(checkpoint: Path | str) -> VAE:
     weights = {k.removeprefix("vae."): v for k, v in saved["state_dict"].items()
                if k.startswith("vae.")}
     try:
-        vae = VAE(list(hp["hidden_dims"]), int(hp["latent_dim"]), variational=hp.get("kind", "vae") == "vae")
+        vae = VAE(list(hp["hidden_dims"]), int(hp["latent_dim"]), variational=hp.get("kind", "vae") != "ae")
         vae.load_state_dict(weights)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         # load_state_dict's first line only says "Error(s) in loading"; the next names the tensor.

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from .config import DataConfig, ModelConfig, TrainConfig
 from .data import batches, load_split, split_train_val
 from .errors import PipelineError
-from .model import VAE, bernoulli_nll, neg_elbo_terms
+from .model import VAE, bernoulli_nll, iwae_loss_terms, neg_elbo_terms
 
 VAL_BATCH_SIZE = 1024
 
@@ -72,38 +72,47 @@ class LitVAE(L.LightningModule):
 
     def __init__(self, hidden_dims: list[int], latent_dim: int, kl_weight: float,
                  lr: float, weight_decay: float, t_max: int, kind: str = "vae",
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, iwae_k: int = 1) -> None:
         """batch_size: the images of one optimizer update; a training batch holding more is
-        that many updates (train.steps_per_call). None: one update per batch, whatever its size."""
+        that many updates (train.steps_per_call). None: one update per batch, whatever its size.
+        iwae_k: the importance samples of kind iwae."""
         super().__init__()
         self.save_hyperparameters()
         # Manual: K optimizer updates per training_step (train.steps_per_call), each exactly as
         # Lightning's automatic optimisation would make it.
         self.automatic_optimization = False
-        self.vae = VAE(hidden_dims, latent_dim, variational=kind == "vae")
-        # The checkpoint to keep: the AE has no ELBO, only its reconstruction.
-        self.monitor = "val_neg_elbo" if kind == "vae" else "val_recon"
-        # Per-epoch running sums of [recon, kl, images]: logging each step costs ~10% of a step.
+        self.vae = VAE(hidden_dims, latent_dim, variational=kind != "ae")
+        # The checkpoint to keep: the bound the model is trained on, beta-free; the AE has no
+        # ELBO, only its reconstruction.
+        self.monitor = {"vae": "val_neg_elbo", "iwae": "val_iwae_k", "ae": "val_recon"}[kind]
+        # Per-epoch running sums of the per-image terms and the images: logging each step costs
+        # ~10% of a step.
+        self.terms = ("recon", "kl", "loss", "iwae_k") if kind == "iwae" else ("recon", "kl")
         self._sums: dict[str, Tensor] = {}
 
     @classmethod
     def from_config(cls, model: ModelConfig, train: TrainConfig) -> LitVAE:
         return cls(hidden_dims=list(model.hidden_dims), latent_dim=model.latent_dim,
                    kl_weight=model.kl_weight, lr=train.lr, weight_decay=train.weight_decay,
-                   t_max=train.t_max, kind=model.kind, batch_size=train.batch_size)
+                   t_max=train.t_max, kind=model.kind, batch_size=train.batch_size,
+                   iwae_k=model.iwae_k)
 
     def _common_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, _ = batch  # (batch, 784) floats in [0, 1]
-        logits, mu, logvar = self.vae(x)
-        if self.vae.variational:
-            recon, kl = neg_elbo_terms(logits, x, mu, logvar)
+        if self.hparams.kind == "iwae":
+            terms = iwae_loss_terms(self.vae, x, self.hparams.iwae_k, self.hparams.kl_weight)
         else:
-            recon = bernoulli_nll(logits, x)
-            kl = torch.zeros_like(recon)
+            logits, mu, logvar = self.vae(x)
+            if self.vae.variational:
+                recon, kl = neg_elbo_terms(logits, x, mu, logvar)
+            else:
+                recon = bernoulli_nll(logits, x)
+                kl = torch.zeros_like(recon)
+            terms = {"recon": recon, "kl": kl, "loss": recon + self.hparams.kl_weight * kl}
         with torch.no_grad():
-            step_sums = torch.stack([recon.sum(), kl.sum(), recon.new_tensor(len(x))])
+            step_sums = torch.stack([terms[name].sum() for name in self.terms] + [x.new_tensor(len(x))])
             self._sums[stage] = self._sums.get(stage, 0) + step_sums
-        return (recon + self.hparams.kl_weight * kl).mean()
+        return terms["loss"].mean()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         # K consecutive mini-batches per call (train.steps_per_call, Keras' steps_per_execution),
@@ -160,15 +169,18 @@ class LitVAE(L.LightningModule):
         # A no-op on one device. Sorted: every rank must issue the all-reduces in one order.
         sums = {stage: self.trainer.strategy.reduce(self._sums[stage].clone(), reduce_op="sum")
                 for stage in sorted(self._sums)}
-        metrics = {}
-        if "train" in sums:
-            recon, kl, n = sums["train"]
-            metrics["train_loss"] = (recon + beta * kl) / n
-        recon, kl, n = sums["val"]
-        metrics.update(val_loss=(recon + beta * kl) / n, val_recon=recon / n)
+        totals = {stage: dict(zip((*self.terms, "images"), stage_sums, strict=True))
+                  for stage, stage_sums in sums.items()}
+        metrics = {f"{stage}_loss": (t["loss"] if "loss" in t else t["recon"] + beta * t["kl"]) / t["images"]
+                   for stage, t in totals.items()}
+        val, n = totals["val"], totals["val"]["images"]
+        metrics["val_recon"] = val["recon"] / n
         if self.vae.variational:
-            # val_neg_elbo is beta-free: runs with different kl_weight compare on it fairly.
-            metrics.update(val_kl=kl / n, val_neg_elbo=(recon + kl) / n)
+            # val_neg_elbo and val_iwae_k are beta-free: runs with different kl_weight compare on
+            # them fairly.
+            metrics.update(val_kl=val["kl"] / n, val_neg_elbo=(val["recon"] + val["kl"]) / n)
+        if "iwae_k" in val:
+            metrics["val_iwae_k"] = val["iwae_k"] / n
         self.log(self.monitor, metrics.pop(self.monitor), prog_bar=True)
         self.log_dict(metrics)
 

@@ -81,6 +81,33 @@ def neg_elbo_terms(logits: Tensor, x: Tensor, mu: Tensor, logvar: Tensor) -> tup
     return bernoulli_nll(logits, x), kl_divergence(mu, logvar).sum(-1)
 
 
+def iwae_loss_terms(vae: VAE, x: Tensor, k: int, kl_weight: float = 1.0) -> dict[str, Tensor]:
+    """The k-sample IWAE training objective (Burda et al. 2016), per image (batch,) in nats:
+    `loss` (kl_weight-weighted), `iwae_k` (the bound itself, -log p(x) <= it), and the first
+    sample's `recon` and the closed-form `kl`, the VAE's -ELBO terms.
+
+    The k samples go through the decoder together. Each log weight log p(x|z_i) - log q(z_i|x)/p(z_i)
+    has its Monte Carlo KL, log q/p, replaced by the closed-form KL plus the sample's deviation from
+    the k-sample mean: the normalised importance weights are IWAE's, the shared offset is the
+    VAE's analytic KL (unbiased: the mean of log q/p estimates that KL). So k = 1 is the VAE's loss
+    exactly, and kl_weight weighs the KL term of every weight, the beta-VAE at k = 1.
+    """
+    mu, logvar = vae.encode(x)
+    eps = torch.randn(k, *mu.shape, device=x.device, dtype=x.dtype)  # k = 1: reparameterize's draws
+    z = mu + eps * torch.exp(0.5 * logvar)  # (k, batch, latent)
+    recon = bernoulli_nll(vae.decode(z), x)  # (k, batch)
+    kl = kl_divergence(mu, logvar).sum(-1)
+    log_q_over_p = 0.5 * (z.pow(2) - eps.pow(2) - logvar).sum(-1)  # the log 2 pi terms cancel
+    kl_terms = kl + (log_q_over_p - log_q_over_p.mean(0))
+
+    def neg_bound(beta: float) -> Tensor:
+        return math.log(k) - torch.logsumexp(-(recon + beta * kl_terms), dim=0)
+
+    loss = neg_bound(kl_weight)
+    return {"recon": recon[0], "kl": kl, "loss": loss,
+            "iwae_k": loss if kl_weight == 1 else neg_bound(1.0).detach()}
+
+
 def iwae_nll(vae: VAE, x: Tensor, k: int, max_elements: int = 2**20,
              generator: torch.Generator | None = None) -> Tensor:
     """-log p(x) bounded with k importance samples (Burda et al. 2016), (batch,) in nats.

@@ -1,5 +1,6 @@
-"""The Model Registry: each evaluated run's model as a version of `mnist-vae` (`mnist-ae` for the
-AE), tagged with what it was measured on, and the alias `champion`, which moves only on evidence.
+"""The Model Registry: each evaluated run's model as a version of `mnist-vae` (the IWAE's too;
+`mnist-ae` for the AE), tagged with its model.kind and what it was measured on, and the alias
+`champion`, which moves only on evidence.
 
 A new version takes `champion` only if it beats the champion per test image: both are scored on
 the same images (same digest and binarization, same k and seed of the IWAE bound), and the mean
@@ -26,11 +27,11 @@ from .served import MODEL_NAME, load
 
 log = logging.getLogger(__name__)
 
-REGISTERED = {"vae": "mnist-vae", "ae": "mnist-ae"}
+REGISTERED = {"vae": "mnist-vae", "iwae": "mnist-vae", "ae": "mnist-ae"}  # the IWAE is a VAE
 CHAMPION = "champion"
 # What "better" means per kind: the test metric the evaluate stage measured, lower is better;
 # the gate compares the same quantity per image (evaluate.per_image_nats).
-RANK_METRIC = {"vae": "test_iwae_nll", "ae": "test_recon"}
+RANK_METRIC = {"vae": "test_iwae_nll", "iwae": "test_iwae_nll", "ae": "test_recon"}
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ def register(run_id: str, kind: str, data_digest: str, binarize: str, metrics: d
     `vae` is this run's model, scored only when there is a champion to compare it with."""
     client = mlflow.MlflowClient()
     name, metric = REGISTERED[kind], RANK_METRIC[kind]
-    tags = {"data.digest": data_digest, "data.binarize": binarize, metric: str(metrics[metric])}
+    tags = {"data.digest": data_digest, "data.binarize": binarize, "model.kind": kind,
+            metric: str(metrics[metric])}
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if existing:
         version = existing[0]

@@ -143,7 +143,7 @@ def signature(kind: str) -> ModelSignature:
     # a 3-D array) in its own words, pasting the request's values in front; predict checks each
     # method's input instead and says what it expected. Output widths: latent_dim, 784 or none.
     params = [ParamSpec("method", "string", "encode")]
-    if kind == "vae":
+    if kind != "ae":
         params.append(ParamSpec("k", "long", DEFAULT_K))
     return ModelSignature(outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),
                           params=ParamSchema(params))
