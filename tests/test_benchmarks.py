@@ -54,3 +54,9 @@ def test_dvc_repro_against_other_code_alternates_and_gives_the_ratio():
     assert [line.split()[2] for line in lines[:-2]] == ["reference", "this"]
     assert re.fullmatch(r"ratio per round: \d+\.\d\d; CPU: \d+\.\d\d", lines[-2])
     assert re.fullmatch(r"speedup=\d+\.\d\d cpu_speedup=\d+\.\d\d", lines[-1])
+
+
+def test_iwae_cost_gives_the_ratio_to_the_vae_per_k():
+    lines = bench("iwae_cost.py", "--synthetic", "--rounds", "2", "--k", "1", "2")
+    assert [line.split(":")[0] for line in lines[1:-1]] == ["k=1", "k=2"]
+    assert re.fullmatch(r"ratio_to_vae=k1:\d+\.\d\d,k2:\d+\.\d\d", lines[-1])

@@ -182,6 +182,8 @@ def training_curves(history: list[dict[str, float]]) -> Figure:
         loss_ax.plot(epochs, columns["val_loss"], label="val_loss (weighted objective)")
         if "val_neg_elbo" in columns:  # the AE has no ELBO
             loss_ax.plot(epochs, columns["val_neg_elbo"], "--", label="val_neg_elbo (kl_weight 1)")
+    if "val_iwae_k" in columns:  # the IWAE's bound, below its ELBO
+        loss_ax.plot(epochs, columns["val_iwae_k"], ":", label="val_iwae_k (the bound it trains on)")
     loss_ax.set(title="Loss per image", xlabel="epoch", ylabel="nats per image")
     loss_ax.legend()
     for key in ("val_recon", "val_kl"):
