@@ -87,7 +87,7 @@ class LitVAE(L.LightningModule):
         self.monitor = {"vae": "val_neg_elbo", "iwae": "val_iwae_k", "ae": "val_recon"}[kind]
         # Per-epoch running sums of the per-image terms and the images: logging each step costs
         # ~10% of a step.
-        self.terms = ("recon", "kl", "loss", "iwae_k") if kind == "iwae" else ("recon", "kl")
+        self.terms = ("recon", "kl", "loss", "iwae_k") if kind == "iwae" else ("recon", "kl", "loss")
         self._sums: dict[str, Tensor] = {}
 
     @classmethod
@@ -163,7 +163,6 @@ class LitVAE(L.LightningModule):
         # Validation closes each training epoch, so the epoch's metrics are all known here.
         if self.trainer.sanity_checking:
             return
-        beta = self.hparams.kl_weight
         # Under DDP each rank summed its own share: add the shares before dividing, so every
         # rank logs the whole-set value (a mean of per-rank means would weigh shares unequally).
         # A no-op on one device. Sorted: every rank must issue the all-reduces in one order.
@@ -171,8 +170,7 @@ class LitVAE(L.LightningModule):
                 for stage in sorted(self._sums)}
         totals = {stage: dict(zip((*self.terms, "images"), stage_sums, strict=True))
                   for stage, stage_sums in sums.items()}
-        metrics = {f"{stage}_loss": (t["loss"] if "loss" in t else t["recon"] + beta * t["kl"]) / t["images"]
-                   for stage, t in totals.items()}
+        metrics = {f"{stage}_loss": t["loss"] / t["images"] for stage, t in totals.items()}
         val, n = totals["val"], totals["val"]["images"]
         metrics["val_recon"] = val["recon"] / n
         if self.vae.variational:
