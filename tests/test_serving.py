@@ -330,7 +330,8 @@ def test_champion_moves_only_on_evidence_even_when_evaluations_race(project, sto
     (v1,) = versions().values()
     digest = DataSource.read(project / "data").digest
     test_iwae_nll = json.loads((project / "metrics" / "evaluate.json").read_text())["test_iwae_nll"]
-    assert v1 == {"data.digest": digest, "data.binarize": "none", "test_iwae_nll": str(test_iwae_nll)}
+    assert v1 == {"data.digest": digest, "data.binarize": "none", "model.kind": "vae",
+                  "test_iwae_nll": str(test_iwae_nll)}
     assert champion() == "1"
 
     worse = run(["dvc", "exp", "run", "--temp", "-S", "train.max_epochs=1"], project)
