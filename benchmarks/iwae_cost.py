@@ -27,23 +27,14 @@ import time
 import torch
 from torch import Tensor
 
+from evaluate_throughput import load_images
 from mnist_vae.data import to_float
-from mnist_vae.download import SYSTEM_DIRS
-from mnist_vae.idx import FILES, read_idx
 from mnist_vae.lit import LitVAE
 from mnist_vae.model import bernoulli_nll
 from mnist_vae.process import set_up_process, set_up_torch
 
 BATCH_SIZE, HIDDEN_DIMS, LATENT_DIM = 128, [256, 128], 2
 WARM_UP_ROUNDS = 10
-
-
-def load_images(synthetic: bool) -> tuple[Tensor, str]:
-    path = SYSTEM_DIRS["fashion-mnist"] / FILES["train"][0]
-    if not synthetic and path.exists():
-        return torch.from_numpy(read_idx(path).reshape(-1, 784).copy()), f"Fashion-MNIST from {path.parent}"
-    generator = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (60_000, 784), dtype=torch.uint8, generator=generator), "synthetic images"
 
 
 def module(kind: str, k: int = 1) -> tuple[LitVAE, torch.optim.Optimizer]:
@@ -76,7 +67,7 @@ def main() -> None:
     set_up_process()
     set_up_torch()
     torch.manual_seed(0)
-    images, source = load_images(args.synthetic)
+    images, _, source = load_images(args.synthetic)  # the training split
     vae, iwaes = module("vae"), {k: module("iwae", k) for k in args.k}
     decoder_only = module("vae")[0]
     times: dict[str, list[float]] = {"vae": [], "decoder": [], **{f"k{k}": [] for k in args.k}}
