@@ -53,8 +53,10 @@ def study_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
             with warnings.catch_warnings():
                 # PED-ANOVA's note that it ranks params for low values: both objectives are minimised.
                 warnings.filterwarnings("ignore", "PedAnovaImportanceEvaluator computes")
+                # Too few trials: Optuna would draw equal importances, which say nothing.
+                warnings.filterwarnings("error", "The number of trials is too small")
                 axes = plot(study, target_name=NEG_ELBO, **target)
-        except (ValueError, RuntimeError):  # e.g. importances need two complete, differing trials
+        except (ValueError, RuntimeError, UserWarning):  # e.g. importances need two complete, differing trials
             continue
         fig = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
         paths.append(_save(fig, out_dir / f"{name}.png"))
