@@ -1,12 +1,13 @@
 """DVC stage `classifier`: the MLP that judges samples and reconstructions in `evaluate`."""
 
+from mnist_vae.entry import run
+
 import logging
 
 from mnist_vae.config import load_config
 from mnist_vae.data import load_split, to_float
 from mnist_vae.files import write_json
 from mnist_vae.paths import Paths
-from mnist_vae.process import command
 from mnist_vae.quality import accuracy, save_classifier, train_classifier
 
 
@@ -24,5 +25,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with command():
-        main()
+    run(main)

@@ -1,6 +1,8 @@
 """DVC stage `counterpart`: the same MLPs trained as the other kind (the plain AE for a VAE or
 an IWAE, the VAE for an AE), as a child of the pipeline's MLflow run, for the side-by-side figure."""
 
+from mnist_vae.entry import run
+
 import dataclasses
 import shutil
 
@@ -12,7 +14,6 @@ from mnist_vae.config import load_config
 from mnist_vae.files import published
 from mnist_vae.lit import VaeDataModule
 from mnist_vae.paths import Paths
-from mnist_vae.process import command
 from mnist_vae.train import fit
 
 
@@ -40,5 +41,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with command():
-        main()
+    run(main)

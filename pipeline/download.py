@@ -1,11 +1,12 @@
 """DVC stage `download`: the dataset into data/ as IDX files, plus data/source.json."""
 
+from mnist_vae.entry import run
+
 import logging
 
 from mnist_vae.config import load_config
 from mnist_vae.download import download
 from mnist_vae.paths import Paths
-from mnist_vae.process import command
 
 
 def main() -> None:
@@ -18,5 +19,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with command():
-        main()
+    run(main)

@@ -1,6 +1,8 @@
 """DVC stage `evaluate`: test-set -ELBO, its terms, the IWAE bound, posterior collapse, sample
 quality and a latent probe, into metrics/evaluate.json and the pipeline's MLflow run."""
 
+from mnist_vae.entry import run
+
 import logging
 
 import mlflow
@@ -14,7 +16,6 @@ from mnist_vae.evaluate import collapse_warning, evaluate, format_metrics, per_i
 from mnist_vae.files import write_json
 from mnist_vae.idx import DataSource
 from mnist_vae.paths import Paths
-from mnist_vae.process import command
 from mnist_vae.quality import latent_probe_accuracy, load_classifier, sample_quality
 
 log = logging.getLogger("mnist_vae.pipeline")
@@ -54,5 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with command():
-        main()
+    run(main)

@@ -1,5 +1,7 @@
 """DVC stage `figures`: the tutorial's figures and training curves under figures/, logged to MLflow."""
 
+from mnist_vae.entry import run
+
 import csv
 
 import mlflow
@@ -10,7 +12,6 @@ from mnist_vae.config import load_config
 from mnist_vae.data import load_split
 from mnist_vae.idx import DataSource
 from mnist_vae.paths import Paths
-from mnist_vae.process import command
 
 
 def main() -> None:
@@ -31,5 +32,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with command():
-        main()
+    run(main)

@@ -6,6 +6,8 @@ Reads the `sweep:` section of params.yaml; each of its keys is also a flag (--n-
 Pareto front to sweeps/pareto_front.csv beside sweeps/best_params.yaml.
 """
 
+from mnist_vae.entry import run
+
 import dataclasses
 import subprocess
 
@@ -15,7 +17,6 @@ from mnist_vae.config import SweepConfig, load_config
 from mnist_vae.errors import ArgumentParser
 from mnist_vae.idx import SOURCE_FILE
 from mnist_vae.paths import Paths
-from mnist_vae.process import command
 from mnist_vae.study import check_storage, check_sweepable
 from mnist_vae.sweep import run_sweep
 
@@ -44,5 +45,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    with command():
-        main()
+    run(main)

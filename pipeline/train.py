@@ -1,8 +1,9 @@
 """DVC stage `train`: fit the VAE into models/, in the pipeline's MLflow run; resumes a killed run."""
 
+from mnist_vae.entry import run
+
 from mnist_vae.config import load_config
 from mnist_vae.paths import Paths
-from mnist_vae.process import command
 from mnist_vae.train_stage import train_stage
 
 
@@ -13,5 +14,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with command():
-        main()
+    run(main)

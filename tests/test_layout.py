@@ -1,6 +1,7 @@
 """The shape of the library: the imports between its modules form a house with no cycle (each
 module imports only modules below it), the model and the error machinery import nothing of the
-application, no module outgrows one idea, and docs/reliability.md's table names real tests."""
+application, every script imports its entry first, no module outgrows one idea, and
+docs/reliability.md's table names real tests."""
 
 from __future__ import annotations
 
@@ -48,6 +49,17 @@ def test_the_foundations_import_nothing_of_the_application():
     # The data side and the evaluation never reach the training or tracking side.
     for module in ("idx", "download", "data", "evaluate", "checkpoints", "quality"):
         assert not graph[module] & {"train", "train_stage", "lit", "tracking", "sweep", "study"}, module
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "pipeline").glob("*.py")), ids=lambda p: p.name)
+def test_every_script_imports_its_entry_first(path):
+    """entry.py's import is what makes a stop while torch imports one line, so it comes before
+    every other import of a script; and no library module imports it (a notebook keeps its own
+    signal handlers)."""
+    tree = ast.parse(path.read_text())
+    first = next(node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom))
+    assert isinstance(first, ast.ImportFrom) and first.module == "mnist_vae.entry", path.name
+    assert [name for name, imports in package_imports().items() if "entry" in imports] == ["__main__"]
 
 
 @pytest.mark.parametrize("path", sorted(PACKAGE_DIR.glob("*.py")), ids=lambda p: p.name)

@@ -3,8 +3,10 @@ sweep end in one line and a non-zero exit, the MLflow runs KILLED, and the rerun
 training stopped and resumed is, tensor for tensor, the training never stopped."""
 
 import os
+import re
 import signal
 import sys
+import textwrap
 from pathlib import Path
 
 import lightning as L
@@ -119,6 +121,55 @@ def test_a_stopped_training_says_so_ends_its_run_killed_and_resumes(project, sig
     assert "RUNNING" not in {r.info.status for r in mlflow_runs(project)}
     assert len((project / "metrics" / "train_history.csv").read_text().splitlines()) == 1 + 10
     assert (project / "checkpoints").is_symlink() and not any((tmp_path / "elsewhere").iterdir())
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler of its own for `signum`: the kernel's view of it."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1)
+    return bool(int(mask, 16) >> (signum - 1) & 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stage_stopped_while_it_imports_torch_says_so_in_one_line(project, signum):
+    proc = start([sys.executable, "pipeline/train.py"], project, capture=True)
+    # Python handles SIGINT from its start; only entry.py, the script's first import, handles
+    # SIGTERM. From then on torch and Lightning import for seconds before any work.
+    wait_for(proc, lambda: catches(proc.pid, signal.SIGTERM), timeout_s=30)
+    os.kill(proc.pid, signum)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signum
+    assert stderr == (f"python pipeline/train.py stopped by {signal.Signals(signum).name} while "
+                      "starting, before any work; rerun it\n")
+    assert not (project / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_a_stop_that_comes_once_the_work_is_done_is_ignored(project):
+    """In the seconds a process takes to exit, Python's default handler would kill it with no
+    line after its outputs were published. Here the signal comes from an exit function."""
+    script = project / "pipeline" / "late_stop.py"
+    script.write_text(textwrap.dedent("""
+        from mnist_vae.entry import run
+
+        import atexit
+        import os
+        import signal
+
+        import torch
+
+
+        def main():
+            atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), print("exit functions ran")))
+            print("work done", torch.ones(1).item())
+
+
+        if __name__ == "__main__":
+            run(main)
+    """))
+    result = run([sys.executable, str(script)], project)
+    assert result.returncode == 0 and result.stdout == "work done 1.0\nexit functions ran\n"
 
 
 @pytest.mark.slow

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING
 
 from . import stores
 from .config import MAX_IWAE_SAMPLES
+from .entry import run
 from .errors import ArgumentParser, PipelineError
 from .idx import read_idx
 from .paths import Paths
-from .process import command
+from .process import command, set_up_torch
 
 if TYPE_CHECKING:
     from .model import VAE
@@ -64,6 +65,8 @@ def evaluate_images(args: argparse.Namespace) -> None:
     from .data import binarize
     from .evaluate import evaluate
 
+    set_up_torch()  # command() set up a process without torch: its threads, as a stage's
+
     # The images first: a bad file is named before a model is loaded (seconds for --model).
     images = read_idx(args.images)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) == 0:
@@ -107,4 +110,4 @@ def relocate_store() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

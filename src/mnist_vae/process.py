@@ -1,6 +1,7 @@
 """The process around every entry point (a stage, the sweep and its workers, the CLI): the
-environment, warning filters, logging and torch's threads, set once; and `command()`, which
-shows every error a user can fix as one line with exit status 2 instead of a traceback."""
+environment, warning filters, logging and torch's threads, set once; and `command()`, which shows
+every error a user can fix as one line with exit status 2 instead of a traceback, and a stop by a
+signal as one line. A script's start and end: entry.py."""
 
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ def command() -> Iterator[None]:
         yield
     except Stopped as stop:
         line = stop.line if stop.line is not None else (
-            f"{_program()} stopped by {stop.name}; nothing it was writing was kept, rerun it (or "
+            f"{program()} stopped by {stop.name}; nothing it was writing was kept, rerun it (or "
             "dvc repro) to go on")
         if line:  # "": a DDP rank besides 0, whose stop rank 0 reports
             print(line, file=sys.stderr)
@@ -134,6 +135,6 @@ def command() -> Iterator[None]:
         raise SystemExit(2) from None
 
 
-def _program() -> str:
+def program() -> str:
     script = Path(sys.argv[0])
     return "python -m mnist_vae" if script.name == "__main__.py" else f"python pipeline/{script.name}"
