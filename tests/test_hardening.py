@@ -94,10 +94,16 @@ def _bare_state_dict(path: Path, project: Path) -> None:
     torch.save(torch.load(project / "models" / "best.ckpt", weights_only=True)["state_dict"], path)
 
 
-def _wrong_shapes(path: Path, project: Path) -> None:
-    saved = torch.load(project / "models" / "best.ckpt", weights_only=True)
-    saved["hyper_parameters"]["latent_dim"] = 5
-    torch.save(saved, path)
+def _edited(change):
+    def make(path: Path, project: Path) -> None:
+        saved = torch.load(project / "models" / "best.ckpt", weights_only=True)
+        change(saved)
+        torch.save(saved, path)
+    return make
+
+
+def _nan_bias(saved: dict) -> None:
+    saved["state_dict"]["vae.mu.bias"][0] = float("nan")
 
 
 class Payload:
@@ -116,7 +122,10 @@ CHECKPOINT_CASES = {
     "random bytes": (lambda p, _: p.write_bytes(np.random.default_rng(0).bytes(10_000)), "{p}: not a PyTorch checkpoint; pass a .ckpt file the train stage wrote"),
     "bare state_dict": (_bare_state_dict, "{p}: not a Lightning checkpoint of this project (a bare state_dict?); pass a .ckpt file the train stage wrote"),
     "directory": (lambda p, _: p.mkdir(), "{p}: a directory, not a checkpoint file; pass a .ckpt file the train stage wrote, such as models/best.ckpt"),
-    "wrong shapes": (_wrong_shapes, "{p}: its weights do not match its hyperparameters (size mismatch for mu.weight: copying a param with shape torch.Size([2, 32]) from checkpoint, the shape in current model is torch.Size([5, 32])); pass a .ckpt file the train stage wrote"),
+    "wrong shapes": (_edited(lambda saved: saved["hyper_parameters"].update(latent_dim=5)), "{p}: its weights do not match its hyperparameters (size mismatch for mu.weight: copying a param with shape torch.Size([2, 32]) from checkpoint, the shape in current model is torch.Size([5, 32])); pass a .ckpt file the train stage wrote"),
+    # 4 TiB of layers, were they built before the shapes are checked
+    "huge layers": (_edited(lambda saved: saved["hyper_parameters"].update(hidden_dims=[2**20, 2**20])), "{p}: its weights do not match its hyperparameters (size mismatch for encoder.0.0.weight: copying a param with shape torch.Size([64, 784]) from checkpoint, the shape in current model is torch.Size([1048576, 784])); pass a .ckpt file the train stage wrote"),
+    "NaN weight": (_edited(_nan_bias), "{p}: weight mu.bias is not all finite float32 numbers; pass a .ckpt file the train stage wrote"),
     "malicious pickle": (_malicious, "{p}: refused, it holds more than tensors and plain values (pickled code); load only checkpoints you trust"),
 }
 

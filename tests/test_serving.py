@@ -28,8 +28,10 @@ import pytest
 import torch
 import yaml
 
+from mnist_vae import served
 from mnist_vae.checkpoints import UnsafeCheckpointError, load_vae
 from mnist_vae.data import load_split, to_float
+from mnist_vae.errors import PipelineError
 from mnist_vae.idx import DataSource
 
 from .conftest import BIN, artifact_paths, copy_project, mlflow_runs, pipeline_runs, run
@@ -181,16 +183,26 @@ def test_a_tampered_model_is_refused_or_ignored_never_run(store, images, tmp_pat
     original = Path(mlflow.artifacts.download_artifacts("models:/mnist-vae@champion",
                                                         dst_path=str(tmp_path / "model")))
     marker = tmp_path / "the command ran"
-    beside, swapped = tmp_path / "beside", tmp_path / "swapped"
-    for copy in (beside, swapped):
+    beside, named, swapped = tmp_path / "beside", tmp_path / "named", tmp_path / "swapped"
+    for copy in (beside, named, swapped):
         shutil.copytree(original, copy)
     # python_model.pkl is what a pickled pyfunc loads from; best.ckpt is torch's zip of a pickle.
-    (beside / "python_model.pkl").write_bytes(pickle.dumps(RunsACommand(marker)))
+    for copy in (beside, named):
+        (copy / "python_model.pkl").write_bytes(pickle.dumps(RunsACommand(marker)))
+    mlmodel = yaml.safe_load((named / "MLmodel").read_text())  # as a pickled pyfunc's reads
+    flavor = mlmodel["flavors"]["python_function"]
+    del flavor["model_code_path"]
+    flavor.update(python_model="python_model.pkl", loader_module="mlflow.pyfunc.model")
+    (named / "MLmodel").write_text(yaml.safe_dump(mlmodel))
     torch.save(RunsACommand(marker), swapped / "artifacts" / "best.ckpt")
     np.testing.assert_array_equal(mlflow.pyfunc.load_model(str(beside)).predict(images),
                                   mlflow.pyfunc.load_model(str(original)).predict(images))
     with pytest.raises(UnsafeCheckpointError, match="best.ckpt: refused, it holds more than tensors"):
         mlflow.pyfunc.load_model(str(swapped))
+    # What the evaluate CLI and the notebook load through refuses pickles, whatever the
+    # environment says (MLflow's default allows them).
+    with pytest.raises(PipelineError, match="refused, its MLmodel names a pickled python_model"):
+        served.load(str(named))
     assert not marker.exists()
     # The payload is live: loaded without weights_only, the same object runs its command.
     torch.load(swapped / "artifacts" / "best.ckpt", weights_only=False)
@@ -207,9 +219,16 @@ def test_served_model_refuses_bad_requests_in_its_own_words(server, images):
         (pixels, {}, "images must be floats in [0, 1]; got values up to 255: divide uint8 pixels by 255"),
         (-images, {}, "images must be floats in [0, 1]; got values down to -1: scale them into [0, 1]"),
         (holed, {"method": "reconstruct"},
-         "images must be finite numbers; got NaN or inf in row 1: drop or repair that row"),
+         "images must be finite numbers; got NaN, inf or a missing value in row 1: drop or repair that row"),
         (codes, {"method": "decode"},
-         "latent codes must be finite numbers; got NaN or inf in row 1: drop or repair that row"),
+         "latent codes must be finite numbers; got NaN, inf or a missing value in row 1: drop or repair that row"),
+        # Finite, but past float32's range (inf there), and codes whose decoding overflows to NaN.
+        (np.full((1, 784), 1e39), {},
+         "images must be floats in [0, 1]; got values up to 1e+39: scale them into [0, 1]"),
+        ([[3e38, -3e38]], {"method": "decode"}, "latent codes must lie within +-1,000,000 (a sample "
+         "of the prior N(0, I) lies within +-10); got 3e+38"),
+        ([[10**400] + [0] * 783], {}, "method 'encode': expected (n, 784) images in [0, 1] as one "
+         "array of real numbers; got values that are not"),
         (images[:, :783], {}, "method 'encode': input of shape (5, 783); expected (n, 784) images in "
          "[0, 1], one row each"),
         ([], {}, "method 'encode': got no rows; send 1 to 10,000 rows of images in [0, 1] per request"),
@@ -217,6 +236,10 @@ def test_served_model_refuses_bad_requests_in_its_own_words(server, images):
          "method 'decode': got 10,001 rows; the limit is 10,000 per request: split the batch"),
         (images, {"method": "nll", "k": 0}, "k = 0: expected an integer from 1 to 10,000 importance "
          "samples; pass it as params.k"),
+        (images, {"method": "nll", "k": None}, "k = None: expected an integer from 1 to 10,000 "
+         "importance samples; pass it as params.k"),
+        (images, {"method": "encode", "k": -1}, "k = -1: expected an integer from 1 to 10,000 "
+         "importance samples; pass it as params.k"),
         (np.zeros((101, 784)), {"method": "nll", "k": 10_000}, "nll of 101 images at k = 10,000 needs "
          "1,010,000 samples; the limit is 1,000,000 (images x k) per request: send fewer images per "
          "request or a smaller k"),

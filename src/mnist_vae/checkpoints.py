@@ -94,16 +94,21 @@ def load_checkpoint(path: Path | str, keys: tuple[str, ...] = ("state_dict", "hy
 def load_vae(checkpoint: Path | str) -> VAE:
     """The VAE (or AE) of a train-stage checkpoint, in eval mode, without importing Lightning."""
     saved = load_checkpoint(checkpoint)
-    hp = saved["hyper_parameters"]
-    weights = {k.removeprefix("vae."): v for k, v in saved["state_dict"].items()
-               if k.startswith("vae.")}
+    hp, state = saved["hyper_parameters"], saved["state_dict"]
     try:
-        vae = VAE(list(hp["hidden_dims"]), int(hp["latent_dim"]), variational=hp.get("kind", "vae") != "ae")
-        vae.load_state_dict(weights)
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        weights = {k.removeprefix("vae."): v for k, v in state.items() if k.startswith("vae.")}
+        # Built on the meta device, which allocates nothing, and given the file's own tensors:
+        # hyperparameters that ask for huge layers cost no memory before the shapes are checked.
+        with torch.device("meta"):
+            vae = VAE(list(hp["hidden_dims"]), int(hp["latent_dim"]), variational=hp.get("kind", "vae") != "ae")
+        vae.load_state_dict(weights, assign=True)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
         # load_state_dict's first line only says "Error(s) in loading"; the next names the tensor.
         reason = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()),
                       str(err).strip()).rstrip(".")
         raise PipelineError(f"{checkpoint}: its weights do not match its hyperparameters "
                             f"({reason}); {WRITTEN_BY}") from None
+    if bad := [name for name, w in weights.items() if w.dtype != torch.float32 or not w.isfinite().all()]:
+        raise PipelineError(f"{checkpoint}: weight {bad[0]} is not all finite float32 numbers; "
+                            f"{WRITTEN_BY}")
     return vae.eval()

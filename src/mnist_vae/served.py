@@ -18,6 +18,8 @@ Registry: registry.py.
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ MAX_ROWS = 10_000  # per request, any method: MNIST's test set, ~160 MB of JSON 
 # images x k per nll request: 22-25 s on one shared CPU core at the default model, inside the
 # scoring server's 60 s request timeout (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT).
 MAX_NLL_SAMPLES = 1_000_000
+MAX_CODE = 1e6  # |z| for decode: past ~1e19, float32 sums overflow and the images come back NaN
 # What the served model imports; pinned to the versions it was trained with.
 REQUIREMENTS = ("torch", "numpy", "mlflow")
 
@@ -75,10 +78,14 @@ def checked_rows(model_input: Any, method: str, latent_dim: int) -> torch.Tensor
     decode = method == "decode"
     width, rows = (latent_dim, "latent codes") if decode else (IMAGE_PIXELS, "images in [0, 1]")
     try:
-        x = np.asarray(model_input, dtype=np.float32)
-    except (TypeError, ValueError):
+        # float64 first: a value past float32's range is named as itself, not as the inf it
+        # would become. Complex numbers would lose their imaginary parts with only a warning.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", np.exceptions.ComplexWarning)
+            x = np.asarray(model_input, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError, np.exceptions.ComplexWarning):
         raise RequestError(f"method {method!r}: expected (n, {width}) {rows} as one array of "
-                           "numbers; got values that are not numbers") from None
+                           "real numbers; got values that are not") from None
     if x.ndim >= 1 and len(x) == 0:
         raise RequestError(f"method {method!r}: got no rows; send 1 to {MAX_ROWS:,} rows of "
                            f"{rows} per request")
@@ -91,16 +98,27 @@ def checked_rows(model_input: Any, method: str, latent_dim: int) -> torch.Tensor
     finite = np.isfinite(x).all(axis=1)
     if not finite.all():
         noun = "latent codes" if decode else "images"
-        raise RequestError(f"{noun} must be finite numbers; got NaN or inf in row "
-                           f"{int(np.argmin(finite))}: drop or repair that row")
+        raise RequestError(f"{noun} must be finite numbers; got NaN, inf or a missing value in "
+                           f"row {int(np.argmin(finite))}: drop or repair that row")
     low, high = float(x.min()), float(x.max())
+    if decode and max(high, -low) > MAX_CODE:
+        raise RequestError(f"latent codes must lie within +-{MAX_CODE:,.0f} (a sample of the prior "
+                           f"N(0, I) lies within +-10); got {max(high, -low):g}")
     if not decode and high > 1:
         fix = "divide uint8 pixels by 255" if high <= 255 else "scale them into [0, 1]"
         raise RequestError(f"images must be floats in [0, 1]; got values up to {high:g}: {fix}")
     if not decode and low < 0:
         raise RequestError(f"images must be floats in [0, 1]; got values down to {low:g}: "
                            "scale them into [0, 1]")
-    return torch.from_numpy(x)
+    return torch.from_numpy(x.astype(np.float32))
+
+
+def checked_k(params: dict) -> int:
+    k = params.get("k", DEFAULT_K)
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= MAX_IWAE_SAMPLES:
+        raise RequestError(f"k = {k!r}: expected an integer from 1 to {MAX_IWAE_SAMPLES:,} "
+                           "importance samples; pass it as params.k")
+    return int(k)
 
 
 class VaeModel(mlflow.pyfunc.PythonModel):
@@ -118,16 +136,13 @@ class VaeModel(mlflow.pyfunc.PythonModel):
             raise RequestError(f"method {method!r}: the {self.kind.upper()} answers "
                                f"{', '.join(METHODS[self.kind])}; pass one of them as params.method")
         x = checked_rows(model_input, method, self.vae.latent_dim)
+        k = checked_k(params) if self.kind == "vae" else None
         if method == "encode":
             return self.vae.encode(x)[0].numpy()
         if method == "decode":
             return torch.sigmoid(self.vae.decode(x)).numpy()
         if method == "reconstruct":
             return self.vae.reconstruct(x).numpy()
-        k = int(params.get("k", DEFAULT_K))
-        if not 1 <= k <= MAX_IWAE_SAMPLES:
-            raise RequestError(f"k = {k}: expected an integer from 1 to {MAX_IWAE_SAMPLES:,} "
-                               "importance samples; pass it as params.k")
         if len(x) * k > MAX_NLL_SAMPLES:
             raise RequestError(f"nll of {len(x):,} images at k = {k:,} needs {len(x) * k:,} samples; "
                                f"the limit is {MAX_NLL_SAMPLES:,} (images x k) per request: send "
@@ -165,12 +180,25 @@ def log_model(checkpoint: Path, kind: str, example: np.ndarray) -> mlflow.models
         pip_requirements=pip_requirements(), code_paths=[str(Path(__file__).parent)])
 
 
+def one_line_of(err: Exception) -> str:
+    first = (str(err).strip().splitlines() or [""])[0]
+    return first if isinstance(err, mlflow.exceptions.MlflowException | OSError) else f"{type(err).__name__}: {first}"
+
+
 def load(model_uri: str) -> VaeModel:
-    """The `VaeModel` behind a models:/ or runs:/ URI, for the evaluate CLI."""
+    """The `VaeModel` behind a models:/ or runs:/ URI, for the evaluate CLI and the notebook.
+    Pickles are refused from here on in this process, whatever the environment said: ours hold
+    none, and an MLmodel edited to name a python_model.pkl would otherwise run the code it
+    pickles (MLflow's default allows it)."""
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
     try:
         model = mlflow.pyfunc.load_model(model_uri)
-    except (mlflow.exceptions.MlflowException, OSError) as err:
-        raise PipelineError(f"--model {model_uri}: cannot load it ({str(err).splitlines()[0]}); "
+    except Exception as err:  # noqa: BLE001  a tampered model's code fails in its own ways
+        if "pickle is disallowed" in str(err):
+            raise PipelineError(f"--model {model_uri}: refused, its MLmodel names a pickled "
+                                "python_model, which would run whatever code it holds; the train "
+                                "stage logs its models as code, with no pickle") from None
+        raise PipelineError(f"--model {model_uri}: cannot load it ({one_line_of(err)}); "
                             "pass models:/mnist-vae@champion, models:/mnist-vae/<version> or "
                             "runs:/<run id>/model") from None
     python_model = model.unwrap_python_model()
