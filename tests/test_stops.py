@@ -131,17 +131,21 @@ def catches(pid: int, signum: int) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_stage_stopped_while_it_imports_torch_says_so_in_one_line(project, signum):
-    proc = start([sys.executable, "pipeline/train.py"], project, capture=True)
+@pytest.mark.parametrize("signum, nohup", [(signal.SIGINT, False), (signal.SIGTERM, False),
+                                           (signal.SIGHUP, False), (signal.SIGHUP, True)])
+def test_a_stage_stopped_while_it_imports_torch_says_so_in_one_line(project, signum, nohup):
+    proc = start(["nohup"] * nohup + [sys.executable, "pipeline/train.py"], project, capture=True)
     # Python handles SIGINT from its start; only entry.py, the script's first import, handles
     # SIGTERM. From then on torch and Lightning import for seconds before any work.
     wait_for(proc, lambda: catches(proc.pid, signal.SIGTERM), timeout_s=30)
     os.kill(proc.pid, signum)
+    if nohup:  # started ignoring SIGHUP, it goes on: a SIGTERM stops it
+        os.kill(proc.pid, signal.SIGTERM)
     _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 128 + signum
-    assert stderr == (f"python pipeline/train.py stopped by {signal.Signals(signum).name} while "
-                      "starting, before any work; rerun it\n")
+    stopped_by = signal.SIGTERM if nohup else signum
+    assert proc.returncode == 128 + stopped_by
+    assert stderr == (f"python pipeline/train.py stopped by {stopped_by.name} while starting, "
+                      "before any work; rerun it\n")
     assert not (project / "mlruns").exists()
 
 
@@ -189,7 +193,7 @@ def test_a_stopped_sweep_marks_its_trial_and_measures_it_again(project):
     statuses = {r.data.tags.get("optuna.trial_number", "parent"): r.info.status for r in mlflow_runs(project)}
     assert statuses == {"parent": "KILLED", "0": "KILLED"}
 
-    run([sys.executable, "pipeline/sweep.py", "--n-trials", "1", *flags[:-1], "1"], project)
+    run([sys.executable, "pipeline/sweep.py", "--n-trials", "1", *flags], project)  # a study keeps its max_epochs
     trials = optuna.load_study(study_name="mnist-vae", storage=storage).trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
     assert trials[1].params == trials[0].params  # the baseline, measured again

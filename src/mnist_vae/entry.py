@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import NoReturn
 
-from .process import STOP_SIGNALS, command, program
+from .process import STOP_SIGNALS, command, on_stop_signals, program
 
 
 def _stopped_while_starting(signum: int, frame: object) -> None:
@@ -25,8 +25,7 @@ def _stopped_while_starting(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
-for _signum in STOP_SIGNALS:
-    signal.signal(_signum, _stopped_while_starting)
+on_stop_signals(_stopped_while_starting)
 
 
 def run(main: Callable[[], object]) -> NoReturn:

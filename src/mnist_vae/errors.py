@@ -15,9 +15,9 @@ class PipelineError(Exception):
 
 
 class Stopped(KeyboardInterrupt):
-    """A SIGTERM or SIGINT, raised where the main thread is (process.stop_on_signals): the step in
-    flight is abandoned, every `with` block unwinds, the command exits 128 + the signal's number
-    with `line`. A KeyboardInterrupt, so that Optuna marks the trial in flight FAIL and Lightning
+    """A SIGTERM, SIGINT or SIGHUP, raised where the main thread is (process.stop_on_signals): the
+    step in flight is abandoned, every `with` block unwinds, the command exits 128 + the signal's
+    number with `line`. A KeyboardInterrupt, so that Optuna marks the trial in flight FAIL and Lightning
     tears its fit down (and stops DDP's other ranks) as it does for Ctrl-C."""
 
     def __init__(self, signum: int, line: str | None = None) -> None:
@@ -30,7 +30,7 @@ class Stopped(KeyboardInterrupt):
 
     @property
     def exit_status(self) -> int:
-        return 128 + self.signum  # what a shell reports for a process the signal ended: 143, 130
+        return 128 + self.signum  # what a shell reports for a process the signal ended: 143, 130, 129
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -45,8 +45,11 @@ class ArgumentParser(argparse.ArgumentParser):
 # when one of these stops a stage nothing partial is left and a rerun starts clean.
 _NO_SPACE = "free some disk space (or raise the file-size limit) and rerun"
 _READ_ONLY = "make it writable for this user and rerun"
+# A file or a dangling link where a stage makes its folder (models/, sweeps/, ...).
+_NOT_A_FOLDER = "expected a folder there: remove it (the stage makes the folder) or link a folder, then rerun"
 OS_ERROR_FIXES = {errno.ENOSPC: _NO_SPACE, errno.EDQUOT: _NO_SPACE, errno.EFBIG: _NO_SPACE,
-                  errno.EROFS: _READ_ONLY, errno.EACCES: _READ_ONLY, errno.EPERM: _READ_ONLY}
+                  errno.EROFS: _READ_ONLY, errno.EACCES: _READ_ONLY, errno.EPERM: _READ_ONLY,
+                  errno.EEXIST: _NOT_A_FOLDER, errno.ENOTDIR: _NOT_A_FOLDER}
 # What SQLite says for the same causes, under MLflow's, Optuna's and SQLAlchemy's wrappers.
 SQLITE_FIXES = {"disk I/O error": _NO_SPACE, "database or disk is full": _NO_SPACE,
                 "attempt to write a readonly database": _READ_ONLY,

@@ -10,11 +10,11 @@ import os
 import signal
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import Stopped, one_line
+from .errors import PipelineError, Stopped, one_line
 
 
 def set_up_process() -> None:
@@ -50,6 +50,9 @@ def set_up_process() -> None:
     # MLflow logs the traceback of a SQLite error (a full disk) and then raises it again: the
     # raised one reaches command(), as one line for a full disk or its traceback for anything else.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    # urllib3's "Retrying (Retry(total=1 ...)) after connection broken" before a dead tracking
+    # server's one line.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     # MLflow's notes on its own workings (the system-metrics thread starting and stopping, that a
     # pyfunc is cloudpickled, where the registry found the logged model) and its download bar.
     for name in ("mlflow.system_metrics", "mlflow.pyfunc", "mlflow.models",
@@ -62,6 +65,7 @@ def set_up_process() -> None:
 # the same seed trained other weights on another machine. At a fixed count the weights repeat bit
 # for bit (seen across two machines and two torch versions); 4 threads step as fast as 16 here.
 TORCH_THREADS = 4
+MAX_THREADS = 1024
 
 
 def set_up_torch(threads: int | None = None) -> None:
@@ -76,17 +80,30 @@ def set_up_torch(threads: int | None = None) -> None:
     # at the end of the default training 30% of the first layer's were subnormal. Flushed to zero,
     # as TensorFlow does by default: the default fit() ~10% faster, the same best val_neg_elbo.
     torch.set_flush_denormal(True)
+    omp = os.environ.get("OMP_NUM_THREADS")
     if threads is not None:
         torch.set_num_threads(threads)
-    elif "OMP_NUM_THREADS" not in os.environ:
+    elif omp is None:
         torch.set_num_threads(min(TORCH_THREADS, os.cpu_count() or 1))
+    elif not (omp.isdigit() and 1 <= int(omp) <= MAX_THREADS):  # torch would quietly use every core
+        raise PipelineError(f"OMP_NUM_THREADS = {omp!r}: expected a thread count from 1 to "
+                            f"{MAX_THREADS:,}; set one, or unset it for the fixed {TORCH_THREADS} "
+                            "at which results repeat")
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # a scheduler's, `timeout`'s, docker's; Ctrl-C
+# A scheduler's, `timeout`'s and docker's; Ctrl-C; a closed terminal or ssh session.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# What the process was started ignoring stays ignored: nohup's SIGHUP, a background job's SIGINT.
+IGNORED_AT_START = frozenset(s for s in STOP_SIGNALS if signal.getsignal(s) == signal.SIG_IGN)
+
+
+def on_stop_signals(handler: Callable[[int, object], None]) -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN if signum in IGNORED_AT_START else handler)
 
 
 def stop_on_signals() -> None:
-    """SIGTERM and SIGINT raise `Stopped` in the main thread, once: a second signal while the
+    """SIGTERM, SIGINT and SIGHUP raise `Stopped` in the main thread, once: a second signal while the
     first unwinds (closing the MLflow run, marking the trial) is ignored, so the clean-up runs to
     its end. fit() installs these again as each training starts, in place of Lightning's own.
     Python's own SIGTERM ends the process with nothing cleaned up, and Lightning's turns it into
@@ -100,8 +117,7 @@ def stop_on_signals() -> None:
 
     global _stopping
     _stopping = False
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, stop)
+    on_stop_signals(stop)
 
 
 _stopping = False
@@ -117,9 +133,9 @@ def command() -> Iterator[None]:
     """Run an entry point's body: set up the process, then show a user's error as one line, and
     a stop by a signal as one line with the signal's exit status."""
     set_up_process()
-    set_up_torch()
     stop_on_signals()
     try:
+        set_up_torch()
         yield
     except Stopped as stop:
         line = stop.line if stop.line is not None else (
