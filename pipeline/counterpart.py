@@ -11,7 +11,7 @@ import mlflow
 from mnist_vae import liveness, served, tracking
 from mnist_vae.checkpoints import portable_checkpoint_bytes
 from mnist_vae.config import load_config
-from mnist_vae.files import published
+from mnist_vae.files import check_folders, published
 from mnist_vae.lit import VaeDataModule
 from mnist_vae.paths import Paths
 from mnist_vae.train import fit
@@ -25,6 +25,7 @@ def main() -> None:
     # each opening a child run; the baseline is small and only drawn in a figure.
     train = dataclasses.replace(cfg.train, devices=1, num_nodes=1, strategy="auto")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind=other), train=train)
+    check_folders(paths.counterpart, paths.counterpart_checkpoints)
     data = VaeDataModule(cfg.data, cfg.train, paths.data)
     data.setup()
     with published() as outputs, tracking.continue_run(paths.run_file) as parent:

@@ -165,6 +165,25 @@ def test_a_fifo_in_the_data_folder_or_as_local_dir_file_stops_the_stage(tmp_path
     assert not (project / "mlruns").exists() and not (project / "models").exists()
 
 
+@pytest.mark.slow  # subprocesses
+def test_an_output_folder_that_is_a_file_or_a_dangling_link_stops_training_before_it_starts(tmp_path):
+    """Found only when the trained model was published, these failed after the whole training."""
+    project = make_project(tmp_path / "project")
+    fix = "expected a folder there: remove it (the stage makes the folder) or link a folder, then rerun"
+    (project / "models").write_text("")
+    (project / "checkpoints").symlink_to(tmp_path / "nowhere")
+    line = one_line_error(run([sys.executable, "pipeline/train.py"], project, check=False, timeout=TIMEOUT_S))
+    assert line == f"error: {project / 'models'}: a file, not a folder; {fix}"
+    (project / "models").unlink()
+    line = one_line_error(run([sys.executable, "pipeline/train.py"], project, check=False, timeout=TIMEOUT_S))
+    assert line == f"error: {project / 'checkpoints'}: a link to {tmp_path / 'nowhere'}, which is not a folder; {fix}"
+    (project / "sweeps").write_text("")
+    line = one_line_error(run([sys.executable, "pipeline/sweep.py", "--n-trials", "1"], project, check=False,
+                              timeout=TIMEOUT_S))
+    assert line == f"error: {project / 'sweeps'}: File exists; {fix}"
+    assert not (project / "mlruns").exists() and not (project / "data").exists()
+
+
 def test_params_yaml_that_is_a_fifo_is_one_line(tmp_path):
     fifo = tmp_path / "params.yaml"
     os.mkfifo(fifo)
@@ -301,6 +320,16 @@ def test_an_empty_or_in_memory_sqlite_url_is_refused(url, reason):
         stores.check_database_url(url, "--storage")
     assert str(err.value) == f"--storage {url}: {reason.format(example='sqlite:///sweeps/optuna.db')}"
     stores.check_tracking_uri("http://127.0.0.1:1")  # a server's URI: tracking.py's to check
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "./mlruns", "/abs/mlruns"])
+def test_a_folder_as_tracking_store_names_a_database_instead(uri):
+    """MLflow 3's file store raises; the message was "does not answer ...; start the server"."""
+    with pytest.raises(PipelineError) as err:
+        stores.check_tracking_uri(uri)
+    assert str(err.value) == (f"MLflow tracking store {uri}: a folder, MLflow's file store, which MLflow 3 no "
+                              "longer keeps runs in; set MLFLOW_TRACKING_URI to a database such as "
+                              "sqlite:///mlruns/mlflow.db, or unset it for the project's own store")
 
 
 def _overwrite_a_table(path: Path) -> None:

@@ -8,6 +8,7 @@ checked before a byte is read, so a FIFO never blocks and /dev/zero never fills 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -17,6 +18,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Union, get_args, get_origin
+
+
+def check_folders(*folders: Path) -> None:
+    """Before the work that fills them: each is a folder, a link to one, or not there yet (made
+    when first written). A file or a dangling link in its place would fail only once the work is
+    done; NotADirectoryError names it, and errors.py the fix."""
+    for folder in folders:
+        if folder.is_symlink() and not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"a link to {os.readlink(folder)}, which is "
+                                     "not a folder", str(folder))
+        if folder.exists() and not folder.is_dir():
+            mode = folder.stat().st_mode
+            kind = "a file" if stat.S_ISREG(mode) else file_kind(mode)
+            raise NotADirectoryError(errno.ENOTDIR, f"{kind}, not a folder", str(folder))
 
 
 def _temp_beside(path: Path) -> Path:

@@ -29,7 +29,7 @@ from . import served, tracking
 from .checkpoints import UnsafeCheckpointError, load_checkpoint, portable_checkpoint_bytes
 from .config import Config, ConfigError
 from .errors import PipelineError, Stopped
-from .files import json_bytes, published, read_json_file, write_json
+from .files import check_folders, json_bytes, published, read_json_file, write_json
 from .idx import DataSource
 from .lit import VaeDataModule
 from .paths import Paths
@@ -134,6 +134,7 @@ def train_stage(cfg: Config, paths: Paths) -> FitResult:
     are published together once the run has ended FINISHED, so they always name one run; a
     failed training changes none of them."""
     check_accelerator(cfg.train.accelerator)
+    check_folders(paths.models, paths.metrics, paths.checkpoints)
     tracking.check_store()
     data = VaeDataModule(cfg.data, cfg.train, paths.data)
     data.setup()  # reads and verifies the data before a run is opened
@@ -151,6 +152,11 @@ def train_stage(cfg: Config, paths: Paths) -> FitResult:
             raise
     with training_lock(paths.train_lock), published() as outputs:
         interrupted = find_interrupted(key, paths.checkpoints)
+        if interrupted and not tracking.has_run(interrupted.run_id):
+            log.info("the interrupted training in %s belongs to MLflow run %s, which is not in the "
+                     "store %s (MLFLOW_TRACKING_URI changed, or mlruns/ replaced): starting fresh",
+                     paths.checkpoints, interrupted.run_id, tracking.tracking_uri())
+            interrupted = None
         with tracking.pipeline_run(cfg, resume_run_id=interrupted and interrupted.run_id) as run:
             if interrupted:
                 log.info("resuming MLflow run %s after epoch %d", run.info.run_id, interrupted.epoch)
