@@ -6,10 +6,13 @@ import subprocess
 import sys
 import time
 
+import mlflow
 import optuna
 import pytest
 import torch
 import yaml
+
+from mnist_vae.tracking import EXPERIMENT
 
 from .conftest import BIN, metric_steps, mlflow_runs, pipeline_runs, run, tiny_params
 
@@ -77,6 +80,20 @@ def test_changed_params_start_fresh_instead_of_resuming(project):
     assert not any("resumed_from_epoch" in r.data.tags for r in runs)
 
 
+def test_an_interrupted_training_of_another_store_is_not_resumed(project, tmp_path):
+    """Its run is not in the store now named: resuming it raised MLflow's "Run ... not found"."""
+    set_params(project, model={"hidden_dims": [256, 128]}, train={"max_epochs": 4, "batch_size": 32})
+    run(["dvc", "repro", "download"], project)
+    proc = start([sys.executable, "pipeline/train.py"], project)
+    kill_when(proc, lambda: finished_epochs(project / "checkpoints" / "last.ckpt") >= 1)
+    other = f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
+    result = run([sys.executable, "pipeline/train.py"], project, env_extra={"MLFLOW_TRACKING_URI": other})
+    assert "which is not in the store" in result.stderr and "starting fresh" in result.stderr
+    client = mlflow.MlflowClient(other)
+    (fresh,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert fresh.info.status == "FINISHED" and "resumed_from_epoch" not in fresh.data.tags
+
+
 def test_nan_loss_fails_the_run_and_names_the_fix(project):
     set_params(project, train={"lr": 1e30, "max_epochs": 3})
     run(["dvc", "repro", "download"], project)
@@ -106,7 +123,7 @@ def test_killed_sweep_fails_the_dead_trial_and_continues(project):
 
     kill_when(proc, lambda: trial_running(storage))
     time.sleep(4)  # past the grace period of 3 heartbeats
-    run([sys.executable, "pipeline/sweep.py", "--n-trials", "1", "--max-epochs", "1", *flags], project)
+    run([sys.executable, "pipeline/sweep.py", "--n-trials", "1", "--max-epochs", "30", *flags], project)
     trials = optuna.load_study(study_name="mnist-vae", storage=storage).trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
     statuses = {r.data.tags.get("optuna.trial_number"): r.info.status for r in mlflow_runs(project)}

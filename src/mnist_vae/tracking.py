@@ -89,6 +89,14 @@ def _get_or_create_experiment(name: str, artifact_location: str | None) -> str:
         return mlflow.get_experiment_by_name(name).experiment_id
 
 
+def has_run(run_id: str) -> bool:
+    try:
+        mlflow.MlflowClient(tracking_uri()).get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    return True
+
+
 def recorded_tracking_uri() -> str | None:
     """What the run file records of the store: None for the checkout's own, so that a moved or
     copied checkout reads its own store, not the one at the old place."""
