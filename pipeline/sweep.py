@@ -8,6 +8,7 @@ Pareto front to sweeps/pareto_front.csv beside sweeps/best_params.yaml.
 
 from mnist_vae.entry import run
 
+import argparse
 import dataclasses
 import subprocess
 
@@ -25,10 +26,11 @@ def parse_overrides(argv: list[str] | None = None) -> dict:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     for field in dataclasses.fields(SweepConfig):
         # YAML parsing gives flags the same types as params.yaml; config validation checks them.
+        # Only the flags given: `--seed null` (or '') is null, not absent.
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=yaml.safe_load,
-                            dest=field.name, metavar="VALUE", help=f"overrides sweep.{field.name}")
-    args = parser.parse_args(argv)
-    return {f"sweep.{k}": v for k, v in vars(args).items() if v is not None}
+                            dest=field.name, metavar="VALUE", help=f"overrides sweep.{field.name}",
+                            default=argparse.SUPPRESS)
+    return {f"sweep.{k}": v for k, v in vars(parser.parse_args(argv)).items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,9 +3,12 @@
 import dataclasses
 
 import pytest
+import torch  # noqa: F401  set_up_torch sets up torch once it is imported
 import yaml
 
 from mnist_vae.config import Config, ConfigError, load_config
+from mnist_vae.errors import PipelineError
+from mnist_vae.process import set_up_torch
 
 from .conftest import ROOT
 
@@ -79,11 +82,25 @@ def test_an_empty_or_partial_params_file_names_what_is_missing(tmp_path, text, m
                               "project's params.yaml lists them all with their defaults)")
 
 
-def test_invalid_yaml_is_one_line(tmp_path):
+def test_invalid_yaml_is_one_line_naming_where(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+    path.write_text("model:\n\tlatent_dim: 3\n")  # a tab
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path}: not valid YAML (found character '\\t' that cannot start any "
+                              "token at line 2, column 1); fix the syntax")
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "4,2", "1000000"])
+def test_a_thread_count_torch_would_ignore_is_refused(monkeypatch, value):
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    with pytest.raises(PipelineError) as err:
+        set_up_torch()
+    assert str(err.value) == (f"OMP_NUM_THREADS = {value!r}: expected a thread count from 1 to 1,024; set "
+                              "one, or unset it for the fixed 4 at which results repeat")
 
 
 def test_a_key_given_twice_is_refused_as_dvc_refuses_it(tmp_path):

@@ -187,6 +187,7 @@ def test_evaluate_cli_names_a_corrupt_deflate_stream(trained, tmp_path, capsys):
     (["--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
     (["--iwae-samples", "1000000000"], "--iwae-samples 1000000000: expected an integer from 1 to 10,000"),
     (["--batch-size", "abc"], "argument --batch-size: invalid int value: 'abc'"),
+    (["--seed", str(2**64)], f"--seed {2**64}: expected an integer from 0 to 2**63 - 1"),
 ])
 def test_evaluate_cli_bounds_its_flags(trained, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_:
@@ -457,6 +458,8 @@ def test_download_from_a_local_folder_with_missing_labels(project, tmp_path):
     (["--n-trials", "0"], "--n-trials 0: expected an integer from 1 to 100,000 (fix the flag)"),
     (["--storage", "foo"], "--storage 'foo': expected an Optuna storage URL such as sqlite:///sweeps/optuna.db (fix the flag)"),
     (["--storage", "foo://bar"], "--storage foo://bar: not a database URL (Can't load plugin: sqlalchemy.dialects:foo); expected e.g. sqlite:///sweeps/optuna.db, postgresql://user:pass@host/db or grpc://host:port"),
+    (["--latent-dim", "[2.5, 4]"], "--latent-dim [2.5, 4]: its item [0] is 2.5; expected an integer (fix the flag)"),
+    (["--study-name", ""], "--study-name None: expected a string (fix the flag)"),  # was: the default study
 ])
 def test_sweep_flag_errors_name_the_flag(trained, flags, message):
     result = run([sys.executable, "pipeline/sweep.py", *flags], trained, check=False)

@@ -127,7 +127,7 @@ def test_optuna_dashboard_names_the_objective(project):
 
 @pytest.mark.slow
 def test_a_hopeless_trial_is_pruned(project, monkeypatch):
-    sweep(project, "--n-trials", "2", "--seed", "0")
+    sweep(project, "--n-trials", "2", "--seed", "0", "--max-epochs", "3")  # past the pruner's warm-up
     monkeypatch.chdir(project)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
     from mnist_vae.study import PARENT_RUN_ATTR, open_study
@@ -226,3 +226,18 @@ def test_a_study_reopens_only_with_its_own_objective(tmp_path, created, reopened
         f"study 'mnist-vae' in {storage} is a {created} study, not {reopened}: pass another --study-name "
         f"for a {reopened} study, or delete this one (optuna delete-study --study-name mnist-vae --storage "
         f"{storage})")
+
+
+def test_a_study_reopens_only_with_its_own_trial_length(tmp_path):
+    """Trials of 300 epochs were measured again at 1 and ranked against 40-epoch ones."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def config(max_epochs):
+        return load_config(ROOT / "params.yaml", overrides={"sweep.storage": storage, "sweep.max_epochs": max_epochs})
+
+    assert create_or_open_study(config(20))[1] is True
+    assert create_or_open_study(config(20))[1] is False
+    with pytest.raises(PipelineError) as err:
+        create_or_open_study(config(1))
+    assert str(err.value) == (f"study 'mnist-vae' in {storage} trains each trial for 20 epochs, not 1: pass "
+                              "--max-epochs 20 to go on with it, or another --study-name")

@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         ev.error(f"--iwae-samples {args.iwae_samples}: expected an integer from 1 to {MAX_IWAE_SAMPLES:,}")
     if args.batch_size < 1:
         ev.error(f"--batch-size {args.batch_size}: expected an integer >= 1")
-    if args.seed < 0:
-        ev.error(f"--seed {args.seed}: expected an integer >= 0")
+    if not 0 <= args.seed < 2**63:
+        ev.error(f"--seed {args.seed}: expected an integer from 0 to 2**63 - 1")
 
     with command():
         evaluate_images(args)

@@ -111,7 +111,10 @@ def load(cls: type, path: Path | str, overrides: Mapping[str, Any] | None = None
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
+        mark = getattr(err, "problem_mark", None)
+        reason = (f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}"
+                  if mark and getattr(err, "problem", None) else str(err).splitlines()[0])
+        raise ConfigError(f"{path}: not valid YAML ({reason}); fix the syntax") from None
     for name, value in (overrides or {}).items():
         section, key = name.split(".", 1)
         raw = {**raw, section: {**(raw.get(section) or {}), key: value}}
@@ -129,9 +132,13 @@ def _name_the_source(message: str, path: Path, overrides: Mapping[str, Any]) -> 
     """"sweep.n_trials = 0; expected ..." as the user wrote it: a flag (--n-trials 0) when the
     value came from one (flags are the keys with dashes), else the key in params.yaml."""
     key, _, rest = message.partition(" = ")
-    if key in overrides and "; " in rest:
+    whole = re.sub(r"\[\d+\]$", "", key)  # sweep.latent_dim[0]: an item of a list flag
+    if whole in overrides and "; " in rest:
         value, reason = rest.split("; ", 1)
-        return f"--{key.split('.', 1)[1].replace('_', '-')} {value}: {reason} (fix the flag)"
+        flag = f"--{whole.split('.', 1)[1].replace('_', '-')}"
+        if whole != key:
+            return f"{flag} {overrides[whole]}: its item {key[len(whole):]} is {value}; {reason} (fix the flag)"
+        return f"{flag} {value}: {reason} (fix the flag)"
     return f"{path}: {message} (fix it in {path} or with dvc exp run -S)"
 
 

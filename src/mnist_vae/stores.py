@@ -41,10 +41,15 @@ def safe_url(url: str) -> str:
 
 def check_tracking_uri(uri: str) -> None:
     """Fail in one line, before MLflow opens it, if a database tracking URI cannot hold runs: an
-    empty or in-memory SQLite path, a SQLite file that is not whole, a server that does not answer.
-    http(s) and other URIs are left alone."""
-    if uri.partition(":")[0].split("+")[0].lower() in DATABASE_SCHEMES:
+    empty or in-memory SQLite path, a SQLite file that is not whole, a server that does not answer;
+    or a folder (`file:` or a bare path). http(s) and other URIs are left alone."""
+    scheme = uri.partition(":")[0].split("+")[0].lower() if ":" in uri else ""
+    if scheme in DATABASE_SCHEMES:
         check_database_url(uri, "MLflow tracking store", example="sqlite:///mlruns/mlflow.db")
+    elif scheme == "file" or (not scheme and not uri.startswith("databricks")):
+        raise PipelineError(f"MLflow tracking store {uri}: a folder, MLflow's file store, which "
+                            "MLflow 3 no longer keeps runs in; set MLFLOW_TRACKING_URI to a database "
+                            "such as sqlite:///mlruns/mlflow.db, or unset it for the project's own store")
 
 
 def check_database_url(url: str, named: str, example: str = "sqlite:///sweeps/optuna.db",

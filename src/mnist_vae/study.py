@@ -31,6 +31,7 @@ OBJECTIVES = {"neg_elbo": ["val_neg_elbo"], "rate_distortion": ["val_kl", "val_r
 SQLITE = "sqlite:///"
 GRPC = "grpc://"
 STOPPED_BY = "stopped_by"  # a trial's user attribute: the signal that stopped it
+MAX_EPOCHS = "max_epochs"  # a study's user attribute: how long each of its trials trains
 
 
 def storage_url(url: str) -> str:
@@ -134,7 +135,7 @@ def _search(cfg: Config) -> dict:
 def open_study(cfg: Config, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
     study = optuna.load_study(study_name=cfg.sweep.study_name, storage=storage or open_storage(cfg),
                               **_search(cfg))
-    check_objective(study, cfg)
+    check_study(study, cfg)
     optuna.storages.fail_stale_trials(study)
     return study
 
@@ -143,18 +144,22 @@ def _directions(objective: str) -> list[optuna.study.StudyDirection]:
     return [optuna.study.StudyDirection.MINIMIZE] * len(OBJECTIVES[objective])
 
 
-def check_objective(study: optuna.Study, cfg: Config) -> None:
+def check_study(study: optuna.Study, cfg: Config) -> None:
     """Fail in one line, before any training, if the study minimises another objective than
-    sweep.objective: Optuna would take the trials' values (one, or two) for the study's own."""
-    sweep = cfg.sweep
-    if study.directions == _directions(sweep.objective):
-        return
-    held = next((f"a {name} study" for name in OBJECTIVES if study.directions == _directions(name)),
-                f"a study with directions {[d.name.lower() for d in study.directions]}")
-    raise PipelineError(
-        f"study {study.study_name!r} in {safe(sweep.storage)} is {held}, not {sweep.objective}: pass "
-        f"another --study-name for a {sweep.objective} study, or delete this one (optuna delete-study "
-        f"--study-name {study.study_name} --storage {safe(sweep.storage)})")
+    sweep.objective (Optuna would take the trials' values, one or two, for the study's own), or
+    trains its trials for another sweep.max_epochs (their values would be ranked together)."""
+    sweep, name = cfg.sweep, study.study_name
+    if study.directions != _directions(sweep.objective):
+        held = next((f"a {o} study" for o in OBJECTIVES if study.directions == _directions(o)),
+                    f"a study with directions {[d.name.lower() for d in study.directions]}")
+        raise PipelineError(
+            f"study {name!r} in {safe(sweep.storage)} is {held}, not {sweep.objective}: pass another "
+            f"--study-name for a {sweep.objective} study, or delete this one (optuna delete-study "
+            f"--study-name {name} --storage {safe(sweep.storage)})")
+    if (epochs := study.user_attrs.get(MAX_EPOCHS, sweep.max_epochs)) != sweep.max_epochs:
+        raise PipelineError(f"study {name!r} in {safe(sweep.storage)} trains each trial for {epochs} "
+                            f"epochs, not {sweep.max_epochs}: pass --max-epochs {epochs} to go on with "
+                            "it, or another --study-name")
 
 
 def create_or_open_study(cfg: Config) -> tuple[optuna.Study, bool]:
@@ -165,8 +170,8 @@ def create_or_open_study(cfg: Config) -> tuple[optuna.Study, bool]:
                                     directions=_directions(cfg.sweep.objective), **_search(cfg))
     except optuna.exceptions.DuplicatedStudyError:
         return open_study(cfg, storage), False
-    # So optuna-dashboard and Optuna's plots name the axes.
-    study.set_metric_names(OBJECTIVES[cfg.sweep.objective])
+    study.set_metric_names(OBJECTIVES[cfg.sweep.objective])  # optuna-dashboard's and the plots' axes
+    study.set_user_attr(MAX_EPOCHS, cfg.sweep.max_epochs)
     return study, True
 
 
