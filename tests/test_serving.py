@@ -28,11 +28,12 @@ import pytest
 import torch
 import yaml
 
-from mnist_vae import served
+from mnist_vae import registry, served
 from mnist_vae.checkpoints import UnsafeCheckpointError, load_vae
 from mnist_vae.data import load_split, to_float
 from mnist_vae.errors import PipelineError
 from mnist_vae.idx import DataSource
+from mnist_vae.tracking import EXPERIMENT
 
 from .conftest import BIN, artifact_paths, copy_project, mlflow_runs, pipeline_runs, run
 
@@ -207,6 +208,33 @@ def test_a_tampered_model_is_refused_or_ignored_never_run(store, images, tmp_pat
     # The payload is live: loaded without weights_only, the same object runs its command.
     torch.load(swapped / "artifacts" / "best.ckpt", weights_only=False)
     assert marker.exists()
+
+
+class PickledModel(mlflow.pyfunc.PythonModel):
+    """A model as older code logged it, a pickle (python_model.pkl), whose unpickling runs a command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+    def predict(self, context, model_input):
+        return model_input
+
+
+def test_the_champion_gate_reads_only_a_versions_weights(project, store, tmp_path):
+    """The gate scores the champion from its checkpoint artifact: a version that older code logged
+    as a pickle is judged too (served.load refuses it), and none of its code runs."""
+    marker = tmp_path / "the command ran"
+    with mlflow.start_run(experiment_id=store.get_experiment_by_name(EXPERIMENT).experiment_id):
+        info = mlflow.pyfunc.log_model(name="model", python_model=PickledModel(marker),
+                                       artifacts={"checkpoint": str(project / "models" / "best.ckpt")})
+    assert not marker.exists()
+    vae = registry.logged_weights(info.model_uri)
+    expected = load_vae(project / "models" / "best.ckpt").state_dict()
+    assert all(torch.equal(w, expected[k]) for k, w in vae.state_dict().items())
+    assert not marker.exists()
 
 
 def test_served_model_refuses_bad_requests_in_its_own_words(server, images):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,9 @@ import mlflow
 import torch
 from filelock import FileLock
 
+from .checkpoints import load_vae
 from .model import VAE
-from .served import MODEL_NAME, load
+from .served import MODEL_NAME
 
 log = logging.getLogger(__name__)
 
@@ -105,5 +107,15 @@ def _judge(client: mlflow.MlflowClient, name: str, version: str, tags: dict[str,
             return Verdict(False, f"champion stays: version {champion.version} was measured on other "
                            f"data ({key} {champion.tags.get(key)}, version {version} {tags[key]}): "
                            "they do not compare", {})
-    champion_scores = score(load(f"models:/{name}/{champion.version}").vae)
+    champion_scores = score(logged_weights(f"models:/{name}/{champion.version}"))
     return paired_verdict(champion_scores, score(vae), version, str(champion.version), min_z)
+
+
+def logged_weights(model_uri: str) -> VAE:
+    """A logged model's VAE from its checkpoint artifact alone, loaded with weights_only: the
+    gate runs none of the logged model's code, so it judges a version that older code logged as
+    a pickle (which served.load refuses) as safely as one logged as code."""
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=folder))
+        (checkpoint,) = (local / "artifacts").glob("*.ckpt")  # the one log_model was given
+        return load_vae(checkpoint)
