@@ -91,7 +91,8 @@ def training_pid(parent) -> int | None:
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, command, status", [
     (signal.SIGTERM, ["dvc", "repro", "train"], 255),  # DVC's own status for a failed stage
-    (signal.SIGINT, [sys.executable, "pipeline/train.py"], 130)])
+    (signal.SIGINT, [sys.executable, "pipeline/train.py"], 130),
+    (signal.SIGHUP, [sys.executable, "pipeline/train.py"], 129)])  # a closed terminal
 def test_a_stopped_training_says_so_ends_its_run_killed_and_resumes(project, signum, command, status,
                                                                     tmp_path):
     set_params(project, model={"hidden_dims": [256, 128]}, train={"max_epochs": 10, "batch_size": 32})

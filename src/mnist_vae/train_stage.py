@@ -96,13 +96,11 @@ def training_lock(lock_file: Path) -> Iterator[None]:
 
 
 def clear_work_folder(folder: Path) -> None:
-    """Delete a work folder; if it is a link (to a bigger disk, say), what it holds instead."""
+    """Delete a work folder; if it is a link (to a bigger disk, say), what it holds instead. A
+    link to anything but a folder was refused before the run opened (check_folders)."""
     if not folder.is_symlink():
         shutil.rmtree(folder, ignore_errors=True)
         return
-    if not folder.is_dir():
-        raise PipelineError(f"{folder}: a link to {os.readlink(folder)}, which is not a folder; remove "
-                            "the link (the training makes the folder) or point it at a folder")
     for child in folder.iterdir():
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
